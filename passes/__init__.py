@@ -1,0 +1,1 @@
+"""Graph passes, one module each; the registry is filled in as passes land."""
