@@ -1,0 +1,225 @@
+"""Command line: ``onnxopt IN -o OUT`` and ``onnxopt validate A B``.
+
+The only module that prints, reads sys.argv or sets log levels. Exit codes:
+0 success, 1 validation failed (outputs moved beyond tolerance), 2 bad input or
+usage (one line on stderr, nothing written), 3 a bug in onnxopt (with traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from onnxopt import __version__, analysis, data, io, presets, report, runtime, validate
+from onnxopt.config import OptimizeConfig, Target
+from onnxopt.errors import UserError, ValidationFailed, VerificationError
+from onnxopt.optimizer import optimize_model
+
+logger = logging.getLogger("onnxopt")
+
+EXIT_OK, EXIT_VALIDATION, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
+SUBCOMMANDS = ("validate",)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2 like every other user error."""
+
+    def error(self, message: str):
+        raise UserError(message)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="X.npz", help="sample inputs: .npz keyed by input name, first axis = samples "
+                   "(or a folder of them); default: generated from the input signature")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:1x3x224x224",
+                   help="concrete shape for an input with dynamic axes (repeatable)")
+    p.add_argument("--samples", type=int, metavar="N", help="use at most N samples of --data")
+    p.add_argument("--latency-repeat", type=int, default=20, metavar="N",
+                   help="runs per latency median (0: do not measure latency)")
+    p.add_argument("--report", metavar="R.json", help="write the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+
+
+def optimize_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxopt", description="Optimize an ONNX model and check it still computes the same thing. "
+                "Other commands: onnxopt validate A.onnx B.onnx")
+    p.add_argument("input", metavar="IN.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    p.add_argument("-O", dest="level", choices=["0", "1"], default="1",
+                   help="-O0: load and save only; -O1 (default): lossless passes to a fixed point")
+    p.add_argument("--passes", metavar="A,B", help="run exactly these passes instead of the preset")
+    p.add_argument("--skip", metavar="A,B", default="", help="leave these passes out")
+    p.add_argument("--target", choices=[t.value for t in Target], default=Target.STANDARD.value,
+                   help="standard: standard ONNX ops only (default); onnxruntime: may use com.microsoft FusedConv")
+    p.add_argument("--outputs", metavar="A,B", help="keep only these graph outputs and prune what feeds nothing else")
+    p.add_argument("--verify-each", action="store_true", help="run onnxruntime after every pass; name the first "
+                   "pass that changes the outputs")
+    p.add_argument("--no-validate", action="store_true", help="skip the final comparison with the input model")
+    p.add_argument("--force", action="store_true", help="allow writing over the input file")
+    p.add_argument("--version", action="version", version=f"onnxopt {__version__}")
+    _common(p)
+    return p
+
+
+def validate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxopt validate", description="Run two models in onnxruntime on the same inputs and "
+                "report how far the second's outputs are from the first's.")
+    p.add_argument("reference", metavar="A.onnx")
+    p.add_argument("candidate", metavar="B.onnx")
+    p.add_argument("--rtol", type=float, default=validate.LOSSLESS_RTOL,
+                   help=f"pass if every output's relative L2 error is at most this (default {validate.LOSSLESS_RTOL:g})")
+    _common(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] == "validate":
+            return _validate(validate_parser().parse_args(argv[1:]))
+        return _optimize(optimize_parser().parse_args(argv))
+    except UserError as e:
+        print(f"onnxopt: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValidationFailed, VerificationError) as e:
+        print(f"onnxopt: validation failed: {e}", file=sys.stderr)
+        return EXIT_VALIDATION
+    except KeyboardInterrupt:
+        print("onnxopt: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("onnxopt: internal error (a bug in onnxopt; nothing was written). Please report it with the "
+              "traceback above.", file=sys.stderr)
+        return EXIT_BUG
+
+
+def _setup_logging(args) -> None:
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    level = logging.ERROR if args.quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="onnxopt: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    G_LOGGER.severity = G_LOGGER.ERROR if args.verbose < 2 else G_LOGGER.INFO
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or min(shape) < 0:
+            raise UserError(f"--shape {spec!r}: expected NAME:DxDxD, e.g. input:1x3x224x224")
+        shapes[name] = shape
+    return shapes
+
+
+def _feeds(args, model) -> tuple[list[dict], str]:
+    shapes = _shapes(args.shape)
+    if args.samples is not None and args.samples < 1:
+        raise UserError("--samples must be at least 1")
+    if args.data:
+        return data.load_feeds(args.data, model, limit=args.samples), f"data: {args.data}"
+    return [runtime.random_feeds(model, shapes=shapes, seed=0)], "generated inputs"
+
+
+def _optimize(args) -> int:
+    _setup_logging(args)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    preset = f"O{args.level}"
+    names = presets.pass_names(preset, _csv(args.passes), _csv(args.skip) or ())
+    config = OptimizeConfig(target=Target(args.target), outputs=tuple(_csv(args.outputs)) if args.outputs else None)
+    io.check_output_path(args.output, protect=args.input, force=args.force)
+    if args.report:
+        io.check_output_path(args.report, protect=args.input)
+    model = io.load_model(args.input)
+    needs_feeds = args.verify_each or not args.no_validate
+    feeds, source = _feeds(args, model) if needs_feeds else ([], "")
+    timings["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    result = optimize_model(model, names, config, verify_feeds=feeds if args.verify_each else None)
+    io.check_model(result.model, "optimized model")
+    timings["optimize"] = time.perf_counter() - t
+
+    check = None
+    if not args.no_validate:
+        t = time.perf_counter()
+        reference = _select_outputs(model, config.outputs)
+        check = validate.compare(reference, result.model, feeds, source=source, latency_repeat=args.latency_repeat)
+        timings["validate"] = time.perf_counter() - t
+
+    written = None
+    if check is None or check:
+        t = time.perf_counter()
+        written = str(io.save_model(result.model, args.output, protect=args.input, force=args.force))
+        timings["save"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    first = feeds[0] if feeds else None
+    facts = report.build(
+        input_path=args.input, output_path=written, preset=preset, passes=result.passes, target=args.target,
+        before=analysis.model_stats(model, first, io.file_size(args.input)),
+        after=analysis.model_stats(result.model, first, io.file_size(written) if written else result.model.ByteSize()),
+        records=result.records, validation=check, seconds=timings,
+    )
+    _emit(args, facts, report.render(facts))
+    if check is not None and not check:
+        raise ValidationFailed(f"{check.summary()}; {args.output} not written (--no-validate writes it unchecked)")
+    return EXIT_OK
+
+
+def _select_outputs(model, outputs):
+    """The reference model restricted to the outputs the user kept, for a like-for-like comparison."""
+    if outputs is None:
+        return model
+    ref = type(model)()
+    ref.CopyFrom(model)
+    kept = [o for o in ref.graph.output if o.name in outputs]
+    del ref.graph.output[:]
+    ref.graph.output.extend(kept)
+    return ref
+
+
+def _validate(args) -> int:
+    _setup_logging(args)
+    if args.report:
+        io.check_output_path(args.report, protect=args.reference)
+    a, b = io.load_model(args.reference), io.load_model(args.candidate)
+    feeds, source = _feeds(args, a)
+    check = validate.compare(a, b, feeds, source=source, rtol=args.rtol, latency_repeat=args.latency_repeat)
+    facts = {
+        "onnxopt": __version__, "reference": args.reference, "candidate": args.candidate,
+        "reference_size_bytes": io.file_size(args.reference), "candidate_size_bytes": io.file_size(args.candidate),
+        "validation": check.to_json(),
+    }
+    text = report.render_validation(check)
+    if check.latency_ms:
+        text += f"\n  latency (ORT): {check.latency_ms['a']:.3f} ms -> {check.latency_ms['b']:.3f} ms"
+    _emit(args, facts, text)
+    if not check:
+        raise ValidationFailed(check.summary())
+    return EXIT_OK
+
+
+def _emit(args, facts: dict, text: str) -> None:
+    if args.report:
+        report.write_json(facts, args.report)
+    if not args.quiet:
+        print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

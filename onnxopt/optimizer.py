@@ -1,0 +1,68 @@
+"""The optimization pipeline behind ``onnxopt IN -o OUT`` and ``onnxopt.optimize``.
+
+load (caller) -> graph -> pass manager (preset or explicit passes, fixed point,
+optional verification after every pass) -> model with the original's opsets and
+metadata -> (caller) validate, save, report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxopt import io, presets, runtime, validate
+from onnxopt.config import OptimizeConfig
+from onnxopt.errors import VerificationError
+from onnxopt.pass_base import GraphPass, PassManager, PassRecord, PassResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Optimized:
+    model: onnx.ModelProto
+    records: list[PassRecord]
+    passes: list[str]
+
+
+class VerifyEach:
+    """After-each hook: the graph must still compute the reference outputs, or the pass is named."""
+
+    def __init__(self, like: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], *, rtol: float, atol: float):
+        self.like, self.feeds, self.rtol, self.atol = like, list(feeds), rtol, atol
+        sess = runtime.session(like)
+        self.reference = [runtime.run(sess, f) for f in self.feeds]
+        self.checked = 0
+
+    def __call__(self, p: GraphPass, graph: gs.Graph, result: PassResult) -> None:
+        model = io.to_model(graph.copy(), self.like)
+        report = validate.compare_runs(self.reference, runtime.session(model), self.feeds,
+                                       rtol=self.rtol, atol=self.atol)
+        self.checked += 1
+        if not report:
+            raise VerificationError(f"pass {p.name!r} changed the outputs: {report.summary()}")
+
+
+def optimize_model(
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    config: OptimizeConfig = OptimizeConfig(),
+    *,
+    verify_feeds: Sequence[dict[str, np.ndarray]] | None = None,
+    strict: bool = False,
+) -> Optimized:
+    """Run the named passes on ``model`` (not modified) and return the new model and records."""
+    names = list(names)
+    if config.outputs is not None and "remove_dead_outputs" not in names:
+        names.append("remove_dead_outputs")  # --outputs must take effect even with -O0
+    hooks = []
+    if verify_feeds is not None:
+        hooks.append(VerifyEach(model, verify_feeds, rtol=validate.LOSSLESS_RTOL, atol=validate.LOSSLESS_ATOL))
+    manager = PassManager(presets.build(names, config), max_steps=config.max_steps, after_each=hooks, strict=strict)
+    graph = manager.run(io.to_graph(model))
+    return Optimized(io.to_model(graph, like=model), manager.records, names)

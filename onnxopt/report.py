@@ -1,0 +1,181 @@
+"""The run report: one dict of facts, rendered as JSON (--report) or as a terminal summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from onnxopt import __version__
+from onnxopt.analysis import ModelStats
+from onnxopt.pass_base import PassRecord
+from onnxopt.validate import ValidationReport
+
+
+def build(
+    *,
+    input_path: str,
+    output_path: str | None,
+    preset: str,
+    passes: list[str],
+    target: str,
+    before: ModelStats,
+    after: ModelStats,
+    records: list[PassRecord],
+    validation: ValidationReport | None,
+    seconds: dict[str, float],
+) -> dict:
+    latency = validation.latency_ms if validation else {}
+    return {
+        "onnxopt": __version__,
+        "input": input_path,
+        "output": output_path,
+        "preset": preset,
+        "passes": passes,
+        "target": target,
+        "before": {**before.to_json(), "latency_ms": latency.get("a")},
+        "after": {**after.to_json(), "latency_ms": latency.get("b")},
+        "pass_runs": [_record_json(r) for r in records],
+        "skipped": [
+            {"pass": r.name, "node": s.node, "op": s.op, "reason": s.reason} for r in records for s in r.skipped
+        ],
+        "errors": [{"pass": r.name, "step": r.step, "error": r.error} for r in records if r.error],
+        "validation": validation.to_json() if validation else None,
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
+    }
+
+
+def _record_json(r: PassRecord) -> dict:
+    return {
+        "pass": r.name,
+        "step": r.step,
+        "modified": r.modified,
+        "changes": r.stats,
+        "seconds": round(r.seconds, 5),
+        "nodes_before": r.nodes_before,
+        "nodes_after": r.nodes_after,
+    }
+
+
+def write_json(report: dict, path: str | os.PathLike) -> None:
+    """Write atomically, like models: never a half-written report."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def render(report: dict) -> str:
+    """The terminal summary: totals, nodes by op, passes, validation."""
+    b, a = report["before"], report["after"]
+    lines = [f"onnxopt {report['onnxopt']}: {report['input']} -> {report['output'] or '(not written)'}"
+             f"  [{report['preset']}, target {report['target']}]", ""]
+    lines += _table(
+        ["", "before", "after", "change"],
+        [
+            ["nodes", _n(b["nodes"]), _n(a["nodes"]), _pct(b["nodes"], a["nodes"])],
+            ["params", _n(b["params"]), _n(a["params"]), _pct(b["params"], a["params"])],
+            ["MACs", _n(b["macs"]), _n(a["macs"]), _pct(b["macs"], a["macs"])],
+            ["file size", _bytes(b["size_bytes"]), _bytes(a["size_bytes"]), _pct(b["size_bytes"], a["size_bytes"])],
+            ["latency (ORT)", _ms(b["latency_ms"]), _ms(a["latency_ms"]), _ratio(b["latency_ms"], a["latency_ms"])],
+        ],
+    )
+    ops = sorted(set(b["nodes_by_op"]) | set(a["nodes_by_op"]))
+    changed = [[op, str(b["nodes_by_op"].get(op, 0)), str(a["nodes_by_op"].get(op, 0))] for op in ops
+               if b["nodes_by_op"].get(op, 0) != a["nodes_by_op"].get(op, 0)]
+    if changed:
+        lines += ["", "nodes by op (changed only):"] + _table(["op", "before", "after"], changed)
+    lines += ["", *_render_passes(report)]
+    if report["validation"]:
+        lines += ["", *_render_validation(report["validation"])]
+    return "\n".join(lines)
+
+
+def _render_passes(report: dict) -> list[str]:
+    runs = report["pass_runs"]
+    if not runs:
+        return ["passes: none run"]
+    totals: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    seconds: dict[str, float] = defaultdict(float)
+    for r in runs:
+        seconds[r["pass"]] += r["seconds"]
+        for k, v in r["changes"].items():
+            totals[r["pass"]][k] += v
+    rounds = max(r["step"] for r in runs)
+    rows = [[name, ", ".join(f"{k} {v}" for k, v in totals[name].items()) or "-", f"{seconds[name] * 1e3:.1f} ms"]
+            for name in dict.fromkeys(r["pass"] for r in runs)]
+    out = [f"passes ({rounds} round{'s' if rounds > 1 else ''} to a fixed point):"]
+    out += _table(["pass", "changes", "time"], rows)
+    for s in report["skipped"][:20]:
+        out.append(f"  skipped {s['op']} {s['node']!r} in {s['pass']}: {s['reason']}")
+    if len(report["skipped"]) > 20:
+        out.append(f"  ... {len(report['skipped']) - 20} more skipped nodes in the JSON report")
+    for e in report["errors"]:
+        out.append(f"  pass {e['pass']} failed and was undone (a bug, please report): {e['error']}")
+    return out
+
+
+def _render_validation(v: dict) -> list[str]:
+    verdict = "PASS" if v["passed"] else "FAIL"
+    out = [f"validation on {v['samples']} samples ({v['source']}): {verdict}  (tolerance: rel L2 <= {v['rtol']:g})"]
+    rows = []
+    for name, m in v["outputs"].items():
+        top1 = "-" if m["top1"] is None else f"{100 * m['top1']:.1f}%"
+        rows.append([name, _g(m["max_abs"]), _g(m["rel_l2"]), _f(m["cosine"], 6), _db(m["sqnr_db"]), top1])
+    return out + _table(["output", "max abs", "rel L2", "cosine", "SQNR", "top-1"], rows)
+
+
+def render_validation(v: ValidationReport) -> str:
+    return "\n".join(_render_validation(v.to_json()))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return ["  " + fmt.format(*header).rstrip()] + ["  " + fmt.format(*map(str, r)).rstrip() for r in rows]
+
+
+def _n(x) -> str:
+    return "-" if x is None else f"{x:,}"
+
+
+def _pct(b, a) -> str:
+    if b is None or a is None or not b:
+        return ""
+    return f"{100 * (a - b) / b:+.1f}%"
+
+
+def _ratio(b, a) -> str:
+    return "" if not b or not a else f"{a / b:.2f}x"
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.3f} ms"
+
+
+def _bytes(x: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if x < 1024 or unit == "GB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.2f} {unit}"
+        x /= 1024
+    return str(x)
+
+
+def _g(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _f(x, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _db(x) -> str:
+    return "inf" if x is None else f"{x:.1f} dB"
