@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_graphsurgeon as gs
 
-STANDARD_DOMAINS = ("", "ai.onnx")
+STANDARD_DOMAINS = ("", "ai.onnx", None)  # gs leaves the domain None for standard nodes
 
 
 def is_standard(node: gs.Node) -> bool:
