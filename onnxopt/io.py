@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 # protobuf refuses to serialize a message of 2 GiB or more; keep a margin for the graph.
 EXTERNAL_DATA_THRESHOLD = (2 << 30) - (64 << 20)
+# In such a model, tensors from this size up go to the data file; small ones stay inline.
+EXTERNAL_TENSOR_MIN_BYTES = 1024
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
@@ -96,9 +98,10 @@ def save_model(
                 save_as_external_data=True,
                 all_tensors_to_one_file=True,
                 location=path.name + ".data",
-                size_threshold=1024,
+                size_threshold=EXTERNAL_TENSOR_MIN_BYTES,
             )
-            os.replace(tmpdir / (path.name + ".data"), path.parent / (path.name + ".data"))
+            if (tmpdir / (path.name + ".data")).exists():
+                os.replace(tmpdir / (path.name + ".data"), path.parent / (path.name + ".data"))
         else:
             with open(staged, "wb") as f:
                 f.write(model.SerializeToString())
