@@ -26,16 +26,35 @@ def has_subgraph(node: gs.Node) -> bool:
     return any(isinstance(v, gs.Graph) for v in node.attrs.values())
 
 
+# Constant-node attributes that hold a plain value, and the dtype the op gives them.
+_CONSTANT_ATTRS = {"value_float": np.float32, "value_floats": np.float32,
+                   "value_int": np.int64, "value_ints": np.int64}
+
+
 def const_value(t: gs.Tensor | None) -> np.ndarray | None:
     """The value of a constant tensor (initializer or Constant-node output), else None."""
     if isinstance(t, gs.Constant):
         return np.asarray(t.values)
-    if t is not None and len(t.inputs) == 1:
-        prod = t.inputs[0]
-        if prod.op == "Constant" and is_standard(prod) and "value" in prod.attrs:
-            v = prod.attrs["value"]
-            return np.asarray(v.values) if isinstance(v, gs.Constant) else None
+    if t is None or len(t.inputs) != 1:
+        return None
+    prod = t.inputs[0]
+    if prod.op != "Constant" or not is_standard(prod):
+        return None
+    if "value" in prod.attrs:
+        v = prod.attrs["value"]
+        return np.asarray(v.values) if isinstance(v, gs.Constant) else None
+    for key, dtype in _CONSTANT_ATTRS.items():
+        if key in prod.attrs:
+            return np.asarray(prod.attrs[key], dtype)
     return None
+
+
+def optional_input(node: gs.Node, i: int) -> gs.Tensor | None:
+    """Input ``i``, or None when it is absent or given as the empty name."""
+    if i >= len(node.inputs):
+        return None
+    t = node.inputs[i]
+    return None if isinstance(t, gs.Variable) and not t.name else t
 
 
 def is_const(t: gs.Tensor | None) -> bool:

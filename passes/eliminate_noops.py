@@ -96,28 +96,6 @@ def _onnx_dtype(dtype) -> int | None:
     return None if np_dtype is None else helper.np_dtype_to_tensor_dtype(np_dtype)
 
 
-CONSTANT_ATTRS = {"value": None, "value_float": np.float32, "value_floats": np.float32,
-                  "value_int": np.int64, "value_ints": np.int64}
-
-
-def _const(t: gs.Tensor | None) -> np.ndarray | None:
-    """graph_utils.const_value, also for Constant nodes in their value_float(s)/value_int(s) forms."""
-    v = gu.const_value(t)
-    if v is not None or t is None or len(t.inputs) != 1:
-        return v
-    prod = t.inputs[0]
-    if prod.op != "Constant" or not gu.is_standard(prod):
-        return None
-    for key, dtype in CONSTANT_ATTRS.items():
-        if key in prod.attrs:
-            value = prod.attrs[key]
-            return np.asarray(value.values if isinstance(value, gs.Constant) else value, dtype)
-    return None
-
-
-def _input(node: gs.Node, i: int) -> gs.Tensor | None:
-    """Input ``i``, or None when it is absent or an empty optional input."""
-    return node.inputs[i] if len(node.inputs) > i and not node.inputs[i].is_empty() else None
 
 
 def _ints(node: gs.Node, attr: str, i: int, opset: int, since: int) -> list[int] | None:
@@ -125,7 +103,7 @@ def _ints(node: gs.Node, attr: str, i: int, opset: int, since: int) -> list[int]
     if opset < since:
         v = node.attrs.get(attr)
         return None if v is None else [int(a) for a in v]
-    v = _const(_input(node, i))
+    v = gu.const_value(gu.optional_input(node, i))
     return None if v is None else [int(a) for a in v.reshape(-1)]
 
 
@@ -136,8 +114,8 @@ def _is_read(graph: gs.Graph, t: gs.Tensor) -> bool:
 def _dropout(node, opset):
     if opset < 7 and not node.attrs.get("is_test", 0):
         return None
-    if opset >= 12 and _input(node, 2) is not None:
-        mode = _const(node.inputs[2])
+    if opset >= 12 and gu.optional_input(node, 2) is not None:
+        mode = gu.const_value(node.inputs[2])
         if mode is None:
             return "training_mode is not a constant"
         if mode.any():
@@ -153,7 +131,7 @@ def _cast(node, opset):
 
 
 def _reshape(node, opset):
-    x, target = node.inputs[0], _const(_input(node, 1))
+    x, target = node.inputs[0], gu.const_value(gu.optional_input(node, 1))
     if target is None or x.shape is None or target.ndim != 1 or len(target) != len(x.shape):
         return None
     allowzero = node.attrs.get("allowzero", 0)
@@ -176,7 +154,7 @@ def _broadcasts_to(shape: tuple[int, ...], x_shape) -> bool:
 
 
 def _expand(node, opset):
-    x, target = node.inputs[0], _const(_input(node, 1))
+    x, target = node.inputs[0], gu.const_value(gu.optional_input(node, 1))
     return x if target is not None and _broadcasts_to(tuple(target.tolist()), x.shape) else None
 
 
@@ -189,8 +167,8 @@ def _squeeze(node, opset):
     x = node.inputs[0]
     if opset < 13 and node.attrs.get("axes"):
         return None
-    if opset >= 13 and _input(node, 1) is not None:
-        axes = _const(node.inputs[1])
+    if opset >= 13 and gu.optional_input(node, 1) is not None:
+        axes = gu.const_value(node.inputs[1])
         if axes is None or axes.size:
             return None
     static = x.shape is not None and all(isinstance(d, int) for d in x.shape)
@@ -203,7 +181,7 @@ def _unsqueeze(node, opset):
 
 
 def _tile(node, opset):
-    x, reps = node.inputs[0], _const(_input(node, 1))
+    x, reps = node.inputs[0], gu.const_value(gu.optional_input(node, 1))
     if reps is None or not np.all(reps == 1) or (x.shape is not None and reps.size != len(x.shape)):
         return None
     return x
@@ -215,7 +193,7 @@ def _slice(node, opset):
     axes, steps = _ints(node, "axes", 3, opset, 10), _ints(node, "steps", 4, opset, 10)
     if starts is None or ends is None:
         return None
-    if (axes is None and _input(node, 3) is not None) or (steps is None and _input(node, 4) is not None):
+    if (axes is None and gu.optional_input(node, 3) is not None) or (steps is None and gu.optional_input(node, 4) is not None):
         return None  # computed axes or steps
     axes = list(range(len(starts))) if axes is None else axes
     steps = [1] * len(starts) if steps is None else steps
@@ -254,7 +232,7 @@ def _neutral_operand(node, opset):
     neutral = NEUTRAL[node.op]
     sides = [(0, 1), (1, 0)] if node.op in COMMUTATIVE else [(0, 1)]
     for xi, ci in sides:
-        c = _const(node.inputs[ci])
+        c = gu.const_value(node.inputs[ci])
         x = node.inputs[xi]
         if c is not None and c.size and np.all(c == neutral) and _broadcasts_to(c.shape, x.shape):
             return x
@@ -267,8 +245,8 @@ def _bound_is_open(node: gs.Node, i: int, opset: int, lower: bool) -> bool:
         v = node.attrs.get("min" if lower else "max")
         v = None if v is None else np.asarray(v, np.float32)
     else:
-        v = _const(_input(node, i))
-        if v is None and _input(node, i) is not None:
+        v = gu.const_value(gu.optional_input(node, i))
+        if v is None and gu.optional_input(node, i) is not None:
             return False
     dtype = _np_dtype(x.dtype) or (None if v is None else v.dtype)
     if dtype is None:
@@ -335,10 +313,10 @@ def _merge_transposes(graph: gs.Graph, t2: gs.Node, names: Callable[[str], str])
 
 def _merged_shape(r1: gs.Node, r2: gs.Node) -> np.ndarray | None:
     """The target that makes Reshape(x, .) equal r2(r1(x)), or None."""
-    s2 = _const(_input(r2, 1))
+    s2 = gu.const_value(gu.optional_input(r2, 1))
     if s2 is None or r2.attrs.get("allowzero", 0) or not np.any(s2 == 0):
         return s2
-    s1 = _const(_input(r1, 1))
+    s1 = gu.const_value(gu.optional_input(r1, 1))
     zero_copies = not r1.attrs.get("allowzero", 0)
     merged = s2.copy()
     for i in np.flatnonzero(s2 == 0):
@@ -355,7 +333,7 @@ def _merge_reshapes(graph: gs.Graph, r2: gs.Node, names: Callable[[str], str]) -
     target = _merged_shape(r1, r2)
     if target is None and not r2.attrs.get("allowzero", 0):
         return False
-    old = _const(_input(r2, 1))
+    old = gu.const_value(gu.optional_input(r2, 1))
     if target is not None and not np.array_equal(target, old):
         r2.inputs[1] = gs.Constant(names(f"{r2.name or 'reshape'}_shape"), target.astype(np.int64))
     r2.inputs[0] = r1.inputs[0]

@@ -30,20 +30,26 @@ import logging
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from onnxopt.config import OptimizeConfig
+from onnxopt.graph_utils import (
+    Names,
+    const_value,
+    finish,
+    is_graph_input,
+    is_standard,
+    only_consumer,
+    producer,
+)
+from onnxopt.pass_base import GraphPass, PassResult, Skip
 from onnxopt.passes.fold_bn_into_conv import (
     FOLD_TARGETS,
     LinearLayer,
     apply_fold,
-    const_value,
-    is_standard,
     linear_layer,
     per_channel,
     plan_fold,
 )
-
-from onnxopt.config import OptimizeConfig
-from onnxopt.graph_utils import Names, finish, is_graph_input, only_consumer, producer
-from onnxopt.pass_base import GraphPass, PassResult, Skip
 
 logger = logging.getLogger(__name__)
 

@@ -41,12 +41,14 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.config import OptimizeConfig
 from onnxopt.graph_utils import (
-    STANDARD_DOMAINS,
     Names,
+    const_value,
     finish,
     is_graph_input,
+    is_standard,
     only_consumer,
     opset,
+    optional_input,
     producer,
 )
 from onnxopt.pass_base import GraphPass, PassResult, Skip
@@ -72,31 +74,6 @@ class LinearLayer:
 class Fold:
     weight: np.ndarray | None  # None: keep the weight
     bias: np.ndarray | None  # None: no bias before or after
-
-
-def is_standard(node: gs.Node) -> bool:
-    # gs leaves ``domain`` None when the proto does not set it (the usual case), which
-    # graph_utils.is_standard does not accept; move this there.
-    return node.domain is None or node.domain in STANDARD_DOMAINS
-
-
-def const_value(t: gs.Tensor | None) -> np.ndarray | None:
-    """graph_utils.const_value, also for Constant nodes whose domain gs left None."""
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    prod = producer(t) if t is not None else None
-    if prod is not None and prod.op == "Constant" and is_standard(prod):
-        v = prod.attrs.get("value")
-        return np.asarray(v.values) if isinstance(v, gs.Constant) else None
-    return None
-
-
-def optional_input(node: gs.Node, i: int) -> gs.Tensor | None:
-    """Input ``i``, or None when it is absent or given as the empty name."""
-    if i >= len(node.inputs):
-        return None
-    t = node.inputs[i]
-    return None if isinstance(t, gs.Variable) and not t.name else t
 
 
 def per_channel(c: np.ndarray, out_rank: int | None, axis: int, n: int) -> np.ndarray | None:

@@ -35,10 +35,18 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnxopt.passes.fold_bn_into_conv import const_value, is_standard, optional_input
 
 from onnxopt.config import OptimizeConfig, Target
-from onnxopt.graph_utils import finish, is_graph_input, only_consumer, opset, producer
+from onnxopt.graph_utils import (
+    const_value,
+    finish,
+    is_graph_input,
+    is_standard,
+    only_consumer,
+    opset,
+    optional_input,
+    producer,
+)
 from onnxopt.pass_base import GraphPass, PassResult, Skip
 
 logger = logging.getLogger(__name__)

@@ -23,15 +23,11 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph_utils import Names, const_value, finish, is_graph_output
+from onnxopt.graph_utils import Names, const_value, finish, is_graph_output, is_standard
 from onnxopt.pass_base import GraphPass, PassResult, Skip
 
 logger = logging.getLogger(__name__)
 
-
-def is_standard(node: gs.Node) -> bool:
-    # gs leaves ``domain`` None when the proto does not set it; graph_utils.is_standard misses that.
-    return node.domain in (None, "", "ai.onnx")
 
 # Shape- and dtype-preserving ops of one tensor input (Clip's min/max inputs must agree).
 UNARY = frozenset({

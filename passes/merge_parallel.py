@@ -28,15 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph_utils import Names, const_value, finish, has_subgraph, opset
+from onnxopt.graph_utils import Names, const_value, finish, has_subgraph, is_standard, opset
 from onnxopt.pass_base import GraphPass, PassResult, Skip
 
 logger = logging.getLogger(__name__)
 
-
-def is_standard(node: gs.Node) -> bool:
-    # gs leaves ``domain`` None when the proto does not set it; graph_utils.is_standard misses that.
-    return node.domain in (None, "", "ai.onnx")
 
 SHARED = "weight or bias is also read by other nodes: merging would store it twice"
 

@@ -16,15 +16,11 @@ from collections import Counter
 
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph_utils import bypass, finish, only_consumer, producer
+from onnxopt.graph_utils import bypass, finish, is_standard, only_consumer, producer
 from onnxopt.pass_base import GraphPass, PassResult
 
 logger = logging.getLogger(__name__)
 
-
-def is_standard(node: gs.Node) -> bool:
-    # gs leaves ``domain`` None when the proto does not set it; graph_utils.is_standard misses that.
-    return node.domain in (None, "", "ai.onnx")
 
 
 class RemoveSplitConcatPass(GraphPass):
