@@ -132,7 +132,8 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 def to_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph``, keeping the model-level fields of ``like`` that gs does not carry."""
     model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = like.ir_version
+    # IR < 4 required initializers to be graph inputs too; gs no longer lists them there.
+    model.ir_version = max(like.ir_version, 4)
     model.producer_name = like.producer_name
     model.producer_version = like.producer_version
     model.domain = like.domain

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import io, presets, runtime, validate
 from onnxopt.config import OptimizeConfig
-from onnxopt.errors import VerificationError
+from onnxopt.errors import InternalError, UnsupportedModelError, VerificationError
 from onnxopt.pass_base import GraphPass, PassManager, PassRecord, PassResult
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,11 @@ class VerifyEach:
 
     def __call__(self, p: GraphPass, graph: gs.Graph, result: PassResult) -> None:
         model = io.to_model(graph.copy(), self.like)
-        report = validate.compare_runs(self.reference, runtime.session(model), self.feeds,
-                                       rtol=self.rtol, atol=self.atol)
+        try:
+            sess = runtime.session(model)
+        except UnsupportedModelError as e:
+            raise VerificationError(f"pass {p.name!r} produced an invalid model: {e}") from e
+        report = validate.compare_runs(self.reference, sess, self.feeds, rtol=self.rtol, atol=self.atol)
         self.checked += 1
         if not report:
             raise VerificationError(f"pass {p.name!r} changed the outputs: {report.summary()}")
@@ -65,4 +68,12 @@ def optimize_model(
         hooks.append(VerifyEach(model, verify_feeds, rtol=validate.LOSSLESS_RTOL, atol=validate.LOSSLESS_ATOL))
     manager = PassManager(presets.build(names, config), max_steps=config.max_steps, after_each=hooks, strict=strict)
     graph = manager.run(io.to_graph(model))
-    return Optimized(io.to_model(graph, like=model), manager.records, names)
+    out = io.to_model(graph, like=model)
+    try:  # the input loaded, so an output that does not is a bug in a pass, never the user's fault
+        io.check_model(out, "optimized model")
+        runtime.session(out)
+    except UnsupportedModelError as e:
+        changed = [r.name for r in manager.records if r.modified]
+        raise InternalError(f"{e} (passes that changed the graph: {', '.join(dict.fromkeys(changed))}; "
+                            "rerun with --verify-each to name the first bad one)") from e
+    return Optimized(out, manager.records, names)

@@ -20,8 +20,10 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "O0": (),
     "O1": (
         "fold_constants",
+        "eliminate_common_subexpressions",
         "eliminate_noops",
         "remove_dead_outputs",
+        "simplify_reshape",
         "fold_bn_into_conv",
         "fold_affine_into_conv",
         "merge_parallel",

@@ -7,8 +7,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
-from onnxopt.passes.fold_affine_into_conv import FoldAffineIntoConvPass
 
+from onnxopt.passes.fold_affine_into_conv import FoldAffineIntoConvPass
 from tests import graphs, numerics
 from tests.passes.test_fold_bn_into_conv import layer
 

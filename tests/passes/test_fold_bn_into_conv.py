@@ -10,9 +10,9 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
-from onnxopt.passes.fold_bn_into_conv import FoldBnIntoConvPass
 
 from onnxopt.config import OptimizeConfig
+from onnxopt.passes.fold_bn_into_conv import FoldBnIntoConvPass
 from tests import graphs, numerics
 
 F32 = np.float32

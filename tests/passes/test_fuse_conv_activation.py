@@ -7,13 +7,13 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
-from onnxopt.passes.fold_affine_into_conv import FoldAffineIntoConvPass
-from onnxopt.passes.fold_bn_into_conv import FoldBnIntoConvPass
-from onnxopt.passes.fuse_conv_activation import FuseConvActivationPass
 
 from onnxopt import runtime
 from onnxopt.config import OptimizeConfig, Target
 from onnxopt.pass_base import PassManager
+from onnxopt.passes.fold_affine_into_conv import FoldAffineIntoConvPass
+from onnxopt.passes.fold_bn_into_conv import FoldBnIntoConvPass
+from onnxopt.passes.fuse_conv_activation import FuseConvActivationPass
 from tests import graphs, numerics
 
 F32 = np.float32

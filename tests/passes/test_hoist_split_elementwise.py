@@ -6,8 +6,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
-from onnxopt.passes.hoist_split_elementwise import HoistSplitElementwisePass
 
+from onnxopt.passes.hoist_split_elementwise import HoistSplitElementwisePass
 from tests import graphs, numerics
 
 X4 = [1, 10, 3, 3]

@@ -6,11 +6,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
+
+from onnxopt.pass_base import PassManager
 from onnxopt.passes.hoist_split_elementwise import HoistSplitElementwisePass
 from onnxopt.passes.merge_parallel import MergeParallelPass
 from onnxopt.passes.remove_split_concat import RemoveSplitConcatPass
-
-from onnxopt.pass_base import PassManager
 from tests import graphs, numerics
 
 CIN, HW = 3, 6

@@ -6,8 +6,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import helper
-from onnxopt.passes.remove_split_concat import RemoveSplitConcatPass
 
+from onnxopt.passes.remove_split_concat import RemoveSplitConcatPass
 from tests import graphs, numerics
 
 SHAPE = [1, 10, 3, 3]
