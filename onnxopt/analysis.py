@@ -123,7 +123,8 @@ def _infer_shapes(model: onnx.ModelProto, input_shapes) -> dict[str, tuple[int, 
     shapes = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         tt = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+        static = tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim)
+        if vi.type.HasField("tensor_type") and static:
             shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
     for t in inferred.graph.initializer:
         shapes[t.name] = tuple(t.dims)

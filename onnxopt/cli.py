@@ -71,7 +71,8 @@ def validate_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", metavar="A.onnx")
     p.add_argument("candidate", metavar="B.onnx")
     p.add_argument("--rtol", type=float, default=validate.LOSSLESS_RTOL,
-                   help=f"pass if every output's relative L2 error is at most this (default {validate.LOSSLESS_RTOL:g})")
+                   help=f"pass if every output's relative L2 error is at most this "
+                   f"(default {validate.LOSSLESS_RTOL:g})")
     _common(p)
     return p
 

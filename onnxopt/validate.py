@@ -141,7 +141,7 @@ def compare(
     sa, sb = runtime.session(a), runtime.session(b)
     report = compare_runs([runtime.run(sa, f) for f in feeds], sb, feeds, source=source, rtol=rtol, atol=atol)
     if latency_repeat:
-        report.latency_ms = {"a": latency_ms(sa, feeds[0], latency_repeat), "b": latency_ms(sb, feeds[0], latency_repeat)}
+        report.latency_ms = {name: latency_ms(s, feeds[0], latency_repeat) for name, s in (("a", sa), ("b", sb))}
     return report
 
 
