@@ -156,14 +156,15 @@ def _optimize(args) -> int:
     check = None
     if not args.no_validate:
         t = time.perf_counter()
-        reference = _select_outputs(model, config.outputs)
-        check = validate.compare(reference, result.model, feeds, source=source, latency_repeat=args.latency_repeat)
+        reference = args.input if config.outputs is None else _select_outputs(model, config.outputs)
+        candidate = result.data if result.data is not None else result.model
+        check = validate.compare(reference, candidate, feeds, source=source, latency_repeat=args.latency_repeat)
         timings["validate"] = time.perf_counter() - t
 
     written = None
     if check is None or check:
         t = time.perf_counter()
-        written = str(io.save_model(result.model, args.output, protect=args.input, force=args.force))
+        written = str(io.save_model(result.model, args.output, protect=args.input, force=args.force, data=result.data))
         timings["save"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -180,10 +181,8 @@ def _optimize(args) -> int:
     return EXIT_OK
 
 
-def _select_outputs(model, outputs):
+def _select_outputs(model, outputs: tuple[str, ...]):
     """The reference model restricted to the outputs the user kept, for a like-for-like comparison."""
-    if outputs is None:
-        return model
     ref = type(model)()
     ref.CopyFrom(model)
     kept = [o for o in ref.graph.output if o.name in outputs]

@@ -55,13 +55,24 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     except (FileNotFoundError, OSError, ValueError) as e:
         raise UnsupportedModelError(f"{path}: cannot read its external data ({_first_line(e)})") from e
     if check:
-        check_model(model, path)
+        try:  # by path: the checker reads the file itself, no second serialization in Python
+            onnx.checker.check_model(str(path))
+        except onnx.checker.ValidationError as e:
+            raise UnsupportedModelError(f"{path}: invalid ONNX model: {_first_line(e)}") from e
     return model
 
 
-def check_model(model: onnx.ModelProto, name: str | os.PathLike = "model") -> None:
+def serialize(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, or None when it must be saved with external data (too large)."""
+    return None if _tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD else model.SerializeToString()
+
+
+def check_model(model: onnx.ModelProto, name: str | os.PathLike = "model", *, data: bytes | None = None) -> None:
+    """Run the onnx checker; ``data`` is ``model`` already serialized, to avoid doing it twice."""
     try:
-        if _tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        if data is not None:
+            onnx.checker.check_model(data)
+        elif _tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
             # The checker needs a serialized proto, impossible past 2 GB: check the graph only.
             onnx.checker.check_graph(model.graph, _checker_context(model))
         else:
@@ -76,8 +87,11 @@ def save_model(
     *,
     protect: str | os.PathLike | None = None,
     force: bool = False,
+    data: bytes | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically; return the path written.
+
+    ``data`` is ``model`` already serialized (``serialize``), written as it is.
 
     ``protect`` is the input file: writing over it needs ``force``. Models whose
     tensors add up to nearly 2 GB are saved with one external data file beside them,
@@ -104,7 +118,7 @@ def save_model(
                 os.replace(tmpdir / (path.name + ".data"), path.parent / (path.name + ".data"))
         else:
             with open(staged, "wb") as f:
-                f.write(model.SerializeToString())
+                f.write(data if data is not None else model.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(staged, path)

@@ -28,6 +28,7 @@ class Optimized:
     model: onnx.ModelProto
     records: list[PassRecord]
     passes: list[str]
+    data: bytes | None = None  # the model serialized once, reused to check, run and save it
 
 
 class VerifyEach:
@@ -69,11 +70,12 @@ def optimize_model(
     manager = PassManager(presets.build(names, config), max_steps=config.max_steps, after_each=hooks, strict=strict)
     graph = manager.run(io.to_graph(model))
     out = io.to_model(graph, like=model)
+    data = io.serialize(out)
     try:  # the input loaded, so an output that does not is a bug in a pass, never the user's fault
-        io.check_model(out, "optimized model")
-        runtime.session(out)
+        io.check_model(out, "optimized model", data=data)
+        runtime.session(data if data is not None else out)
     except UnsupportedModelError as e:
         changed = [r.name for r in manager.records if r.modified]
         raise InternalError(f"{e} (passes that changed the graph: {', '.join(dict.fromkeys(changed))}; "
                             "rerun with --verify-each to name the first bad one)") from e
-    return Optimized(out, manager.records, names)
+    return Optimized(out, manager.records, names, data)

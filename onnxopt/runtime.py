@@ -31,12 +31,13 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 
 def session(
-    model: onnx.ModelProto | str | os.PathLike,
+    model: onnx.ModelProto | bytes | str | os.PathLike,
     *,
     optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     threads: int = 0,
 ) -> ort.InferenceSession:
-    """A CPU session; models too large to serialize in memory go through a temp file."""
+    """A CPU session from a model, its bytes or its path; models too large to serialize in
+    memory go through a temp file."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = optimization
     opts.log_severity_level = 3
@@ -44,6 +45,8 @@ def session(
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     try:
+        if isinstance(model, bytes):
+            return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         if isinstance(model, onnx.ModelProto):
             if model.ByteSize() < (2 << 30) - (1 << 20):
                 return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])

@@ -128,8 +128,8 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def compare(
-    a: onnx.ModelProto,
-    b: onnx.ModelProto,
+    a: onnx.ModelProto | bytes | str,
+    b: onnx.ModelProto | bytes | str,
     feeds: Sequence[dict[str, np.ndarray]],
     *,
     source: str = "generated inputs",
@@ -137,7 +137,10 @@ def compare(
     atol: float = LOSSLESS_ATOL,
     latency_repeat: int = 0,
 ) -> ValidationReport:
-    """Run ``a`` (reference) and ``b`` on every batch of ``feeds`` and compare outputs."""
+    """Run ``a`` (reference) and ``b`` on every batch of ``feeds`` and compare outputs.
+
+    Each model may be given as a ModelProto, its serialized bytes or a file path.
+    """
     sa, sb = runtime.session(a), runtime.session(b)
     report = compare_runs([runtime.run(sa, f) for f in feeds], sb, feeds, source=source, rtol=rtol, atol=atol)
     if latency_repeat:

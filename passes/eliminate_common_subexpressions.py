@@ -68,16 +68,21 @@ class EliminateCommonSubexpressionsPass(GraphPass):
 
     @staticmethod
     def _constants(graph: gs.Graph) -> int:
-        first: dict[tuple, gs.Constant] = {}
-        merged = 0
+        # Group by dtype, shape and leading bytes first: only tensors that collide there are
+        # hashed whole, so distinct large weights are never read end to end.
+        groups: dict[tuple, list[gs.Constant]] = {}
         for t in graph.tensors().values():
-            if not isinstance(t, gs.Constant) or not t.outputs or is_graph_output(graph, t):
-                continue
-            key = _digest(t.values)
-            keep = first.setdefault(key, t)
-            if keep is not t:
-                replace_uses(t, keep)
-                merged += 1
+            if isinstance(t, gs.Constant) and t.outputs and not is_graph_output(graph, t):
+                arr = np.asarray(t.values)
+                groups.setdefault((arr.dtype.str, arr.shape, arr.reshape(-1)[:16].tobytes()), []).append(t)
+        merged = 0
+        for group in groups.values():
+            first: dict[tuple, gs.Constant] = {}
+            for t in group if len(group) > 1 else ():
+                keep = first.setdefault(_digest(t.values), t)
+                if keep is not t:
+                    replace_uses(t, keep)
+                    merged += 1
         return merged
 
     @staticmethod
