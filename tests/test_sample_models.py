@@ -1,5 +1,8 @@
 """The -O1 preset on every bundled sample model (models/), with its own sample data."""
 
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -93,3 +96,17 @@ def test_inception_branches_merge():
     opt = onnxopt.optimize(model)
     convs = lambda m: sum(n.op_type == "Conv" for n in m.graph.node)  # noqa: E731
     assert convs(opt) == convs(model) - 2  # three 1x1 branches on one tensor become one Conv
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny_bert", "inception_block", "crnn_ocr"])
+def test_output_is_byte_identical_across_processes(name, tmp_path):
+    """Separate processes with different string-hash seeds: set or dict ordering must not leak out."""
+    outputs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"{seed}.onnx"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-m", "onnxopt", str(MODELS / f"{name}.onnx"), "-o", str(out),
+                        "--no-validate", "-q"], check=True, env=env)
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
