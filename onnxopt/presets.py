@@ -3,6 +3,10 @@
     O0  load and save only: no pass runs
     O1  lossless (the default): folding, cleanup, fusion and horizontal merging,
         repeated to a fixed point; outputs stay equal to float tolerance
+
+Registered but not in a preset (run with --passes): fuse_skip_layer_norm, because
+onnxruntime 1.32's CPU SkipLayerNormalization kernel is slower than the
+LayerNormalization and Adds it replaces (useful for GPU providers).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "merge_parallel",
         "hoist_split_elementwise",
         "remove_split_concat",
+        "fuse_layer_norm",
+        "fuse_gelu",
         "fuse_conv_activation",
     ),
 }

@@ -7,6 +7,9 @@ from onnxopt.passes.fold_affine_into_conv import FoldAffineIntoConvPass
 from onnxopt.passes.fold_bn_into_conv import FoldBnIntoConvPass
 from onnxopt.passes.fold_constants import FoldConstantsPass
 from onnxopt.passes.fuse_conv_activation import FuseConvActivationPass
+from onnxopt.passes.fuse_gelu import FuseGeluPass
+from onnxopt.passes.fuse_layer_norm import FuseLayerNormPass
+from onnxopt.passes.fuse_skip_layer_norm import FuseSkipLayerNormPass
 from onnxopt.passes.hoist_split_elementwise import HoistSplitElementwisePass
 from onnxopt.passes.merge_parallel import MergeParallelPass
 from onnxopt.passes.remove_dead_outputs import RemoveDeadOutputsPass
@@ -24,7 +27,10 @@ ALL_PASSES: tuple[type[GraphPass], ...] = (
     MergeParallelPass,
     HoistSplitElementwisePass,
     RemoveSplitConcatPass,
+    FuseLayerNormPass,
+    FuseGeluPass,
     FuseConvActivationPass,
+    FuseSkipLayerNormPass,
 )
 
 PASSES: dict[str, type[GraphPass]] = {p.name: p for p in ALL_PASSES}
