@@ -55,6 +55,8 @@ def optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", metavar="A,B", default="", help="leave these passes out")
     p.add_argument("--target", choices=[t.value for t in Target], default=Target.STANDARD.value,
                    help="standard: standard ONNX ops only (default); onnxruntime: may use com.microsoft FusedConv")
+    p.add_argument("--opset", type=int, metavar="N", help="convert to opset N first (e.g. 17 for LayerNormalization "
+                   "fusion); the output then needs a runtime that supports opset N")
     p.add_argument("--outputs", metavar="A,B", help="keep only these graph outputs and prune what feeds nothing else")
     p.add_argument("--verify-each", action="store_true", help="run onnxruntime after every pass; name the first "
                    "pass that changes the outputs")
@@ -140,7 +142,8 @@ def _optimize(args) -> int:
     t0 = time.perf_counter()
     preset = f"O{args.level}"
     names = presets.pass_names(preset, _csv(args.passes), _csv(args.skip) or ())
-    config = OptimizeConfig(target=Target(args.target), outputs=tuple(_csv(args.outputs)) if args.outputs else None)
+    config = OptimizeConfig(target=Target(args.target), outputs=tuple(_csv(args.outputs)) if args.outputs else None,
+                            opset=args.opset)
     io.check_output_path(args.output, protect=args.input, force=args.force)
     if args.report:
         io.check_output_path(args.report, protect=args.input)

@@ -23,3 +23,6 @@ class OptimizeConfig:
     # Constant folding never creates a tensor larger than this many bytes unless it is no
     # larger than the constant inputs it replaces (so folding never grows the file much).
     fold_size_limit: int = 1 << 16
+    # Convert the model to this default-domain opset before the passes (None: keep its opset).
+    # Opt-in: newer opsets unlock fusions (LayerNormalization needs 17) but not every runtime has them.
+    opset: int | None = None

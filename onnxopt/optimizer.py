@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import version_converter
 
 from onnxopt import io, presets, runtime, validate
 from onnxopt.config import OptimizeConfig
-from onnxopt.errors import InternalError, UnsupportedModelError, VerificationError
+from onnxopt.errors import InternalError, UnsupportedModelError, UserError, VerificationError
 from onnxopt.pass_base import GraphPass, PassManager, PassRecord, PassResult
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,21 @@ class VerifyEach:
             raise VerificationError(f"pass {p.name!r} changed the outputs: {report.summary()}")
 
 
+def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """The model at default-domain opset ``target`` (onnx's version converter); never a downgrade."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if target < current:
+        raise UserError(f"--opset {target}: the model is already at opset {current}; onnxopt does not downgrade")
+    if target == current:
+        return model
+    try:
+        converted = version_converter.convert_version(model, target)
+        io.check_model(converted, f"model converted to opset {target}")
+    except (RuntimeError, ValueError, UnsupportedModelError, onnx.checker.ValidationError) as e:
+        raise UserError(f"--opset {target}: cannot convert from opset {current}: {str(e).splitlines()[0][:200]}") from e
+    return converted
+
+
 def optimize_model(
     model: onnx.ModelProto,
     names: Sequence[str],
@@ -64,6 +80,8 @@ def optimize_model(
     names = list(names)
     if config.outputs is not None and "remove_dead_outputs" not in names:
         names.append("remove_dead_outputs")  # --outputs must take effect even with -O0
+    if config.opset is not None:
+        model = convert_opset(model, config.opset)
     hooks = []
     if verify_feeds is not None:
         hooks.append(VerifyEach(model, verify_feeds, rtol=validate.LOSSLESS_RTOL, atol=validate.LOSSLESS_ATOL))

@@ -1,17 +1,22 @@
 """The whole -O1 pipeline on graphs that stress what passes must leave alone."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import pytest
 from onnx import helper
 
 import onnxopt
 from onnxopt import presets
 from onnxopt.config import OptimizeConfig, Target
+from onnxopt.errors import UserError
 from onnxopt.optimizer import optimize_model
 from tests import graphs, numerics
 
 F = onnx.TensorProto.FLOAT
+MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def if_model():
@@ -61,7 +66,7 @@ def test_outputs_option_prunes_the_other_head():
 
 
 def test_target_onnxruntime_fuses_conv_activation_and_standard_does_not():
-    model = onnx.load(__import__("pathlib").Path(__file__).parent.parent / "models" / "digits_cnn.onnx")
+    model = onnx.load(MODELS / "digits_cnn.onnx")
     names = presets.pass_names("O1")
     standard = optimize_model(model, names, OptimizeConfig(), strict=True).model
     ort = optimize_model(model, names, OptimizeConfig(target=Target.ONNXRUNTIME), strict=True).model
@@ -77,3 +82,20 @@ def test_graph_is_not_modified_in_place():
     onnxopt.optimize(model)
     assert model.SerializeToString() == before
     assert gs.import_onnx(model)  # still importable
+
+
+def test_opset_conversion_unlocks_layer_norm_fusion():
+    model = onnx.load(MODELS / "tiny_bert.onnx")  # opset 14: LayerNorm stays decomposed without conversion
+    names = presets.pass_names("O1")
+    plain = optimize_model(model, names, OptimizeConfig(), strict=True).model
+    converted = optimize_model(model, names, OptimizeConfig(opset=17), strict=True).model
+    assert "LayerNormalization" not in {n.op_type for n in plain.graph.node}
+    assert [n.op_type for n in converted.graph.node].count("LayerNormalization") == 5
+    assert {(o.domain, o.version) for o in converted.opset_import} >= {("", 17)}
+    feeds = numerics.random_feeds(model, shapes={"input_ids": (2, 7), "attention_mask": (2, 7)})
+    numerics.assert_same_outputs(model, converted, feeds)
+
+
+def test_opset_downgrade_is_refused(conv_model):
+    with pytest.raises(UserError, match="does not downgrade"):
+        optimize_model(conv_model, [], OptimizeConfig(opset=13))
