@@ -131,8 +131,28 @@ def test_constants_from_constant_nodes():
 
 def test_cast_after_relu_uses_inferred_dtype():
     nodes = [node("Relu", ["x"], "r"), node("Cast", ["r"], to=TensorProto.FLOAT)]
-    assert_untouched(noop_model(nodes))  # no value_info: the dtype of r is unknown, never guessed
+    assert_removed(noop_model(nodes), ["Relu", "Neg"], {"cast": 1})  # Relu's output type is its input's
     assert_removed(noop_model(nodes, infer=True), ["Relu", "Neg"], {"cast": 1})
+
+
+def test_cast_of_a_custom_op_output_is_never_guessed():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    nodes = [helper.make_node("Mystery", ["x"], ["r"], domain="custom"), node("Cast", ["r"], "y", to=TensorProto.FLOAT)]
+    g = helper.make_graph(nodes, "test", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+    graph = gs.import_onnx(m)
+    assert not EliminateNoopsPass()(graph).modified
+    assert [n.op for n in graph.nodes] == ["Mystery", "Cast"]
+
+
+def test_shape_arithmetic_casts_are_removed():
+    """TorchScript's Cast(x.size(0), int64) and Cast(bool mask, bool): the dtype follows from the ops."""
+    nodes = [node("Shape", ["x"], "s"), node("Gather", ["s", "zero"], "n", axis=0),
+             node("Cast", ["n"], "n64", to=TensorProto.INT64), node("Cast", ["n64"], "nf", to=TensorProto.FLOAT),
+             node("Greater", ["x", "nf"], "m"), node("Cast", ["m"], "mb", to=TensorProto.BOOL),
+             node("Where", ["mb", "x", "nf"])]
+    assert_removed(noop_model(nodes, [("zero", i64(0))], shape=(3, 4)),
+                   ["Shape", "Gather", "Cast", "Greater", "Where", "Neg"], {"cast": 2})
 
 
 def test_identity_writing_graph_output_keeps_its_name():
@@ -320,3 +340,162 @@ def test_identity_inside_if_branch_is_left_alone():
     m = graphs.model([helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
                      [("x", F32, [3]), ("c", np.bool_, [])], [("y", F32, [3])])
     assert_untouched(m)
+
+
+# --- reshapes whose computed target is the input's own shape ----------------------------
+
+
+def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
+
+
+def size_of(src: str, j: int, out: str, opset: int) -> list[onnx.NodeProto]:
+    """TorchScript's ``src.size(j)`` as a 1-element tensor: Shape -> Gather -> Unsqueeze."""
+    nodes = [node("Shape", [src], f"{out}_s"), const(f"{out}_i", np.array(j, np.int64)),
+             node("Gather", [f"{out}_s", f"{out}_i"], f"{out}_g", axis=0)]
+    if opset < 13:
+        return [*nodes, node("Unsqueeze", [f"{out}_g"], out, axes=[0])]
+    return [*nodes, const(f"{out}_a", i64(0)), node("Unsqueeze", [f"{out}_g", f"{out}_a"], out)]
+
+
+def attention_model(opset: int, rows_from: str = "q", rows_dim: int = 2) -> onnx.ModelProto:
+    """x = softmax(q k) v, then x.view(x.size(0), -1, rows_from.size(rows_dim), 8), as the SDPA export does.
+
+    The rows of x are q's dim 2 (MatMul keeps the left operand's rows), so with the
+    default arguments the view is x's own shape and the Reshape is a no-op.
+    """
+    nodes = [node("MatMul", ["q", "k"], "sc"), node("Softmax", ["sc"], "p", axis=-1), node("MatMul", ["p", "v"], "x"),
+             *size_of("x", 0, "d0", opset), *size_of(rows_from, rows_dim, "d2", opset),
+             const("m1", i64(-1)), const("c8", i64(8)),
+             node("Concat", ["d0", "m1", "d2", "c8"], "target", axis=0),
+             node("Reshape", ["x", "target"], "r"), node("Relu", ["r"], "y")]
+    inputs = [("q", F32, ["N", 4, "S", 8]), ("k", F32, ["N", 4, 8, "T"]), ("v", F32, ["N", 4, "T", 8])]
+    return graphs.model(nodes, inputs, [("y", F32, ["N", 4, "S", 8])], opset=opset)
+
+
+def attention_feeds(n: int, s: int, t: int) -> dict[str, np.ndarray]:
+    return {"q": graphs.rand(n, 4, s, 8, seed=1), "k": graphs.rand(n, 4, 8, t, seed=2),
+            "v": graphs.rand(n, 4, t, 8, seed=3)}
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_reshape_to_dims_that_provably_equal_the_input_is_removed(opset):
+    model = attention_model(opset)
+    g, res = run_pass(model)
+    assert res.modified and res.stats == {"reshape": 1}
+    assert [n.op for n in g.nodes] == ["MatMul", "Softmax", "MatMul", "Relu"]  # the Shape chains die with it
+    for n, s, t in ((2, 5, 3), (1, 1, 7), (3, 4, 1)):  # every dynamic size, 1 included
+        numerics.assert_same_outputs(model, g, attention_feeds(n, s, t))
+    assert not EliminateNoopsPass()(g).modified
+
+
+def test_reshape_to_a_dim_of_an_unrelated_tensor_stays():
+    # k's dim 3 (T) is not x's dim 2 (S): they only match for some inputs
+    assert_untouched(attention_model(13, rows_from="k", rows_dim=3))
+
+
+# --- Unsqueeze pairs --------------------------------------------------------------------
+
+
+def unsqueeze(src: str, out: str, axes: list[int], opset: int) -> list[onnx.NodeProto]:
+    if opset < 13:
+        return [node("Unsqueeze", [src], out, axes=axes)]
+    return [const(f"{out}_axes", i64(*axes)), node("Unsqueeze", [src, f"{out}_axes"], out)]
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+@pytest.mark.parametrize(("chain", "merged"), [
+    ([[1], [2], [3]], [1, 2, 3]),  # torch's mask[:, None, None, :] built one axis at a time
+    ([[0], [0], [0]], [0, 1, 2]),
+    ([[2], [0], [-1]], [0, 3, 4]),  # negative axes resolve against the known rank
+    ([[0, 2], [1]], [0, 1, 3]),
+    ([[-1], [1, -1]], [1, 3, 4]),
+])
+def test_unsqueeze_chain_merges_into_one(opset, chain, merged):
+    srcs, outs = ["x", "u1", "u2"], ["u1", "u2", "u3"]
+    nodes = [n for i, axes in enumerate(chain) for n in unsqueeze(srcs[i], outs[i], axes, opset)]
+    nodes.append(node("Identity", [outs[len(chain) - 1]]))
+    model = noop_model(nodes, shape=(2, 3), opset=opset)
+    g, res = run_pass(model)
+    assert res.modified and res.stats == {"merge_unsqueezes": len(chain) - 1, "identity": 1}
+    assert [n.op for n in g.nodes] == ["Unsqueeze", "Neg"]
+    u = g.nodes[0]
+    axes = u.attrs["axes"] if opset < 13 else u.inputs[1].values.tolist()
+    assert list(axes) == merged
+    numerics.assert_same_outputs(model, g, {"x": graphs.rand(2, 3)})
+    assert not EliminateNoopsPass()(g).modified
+
+
+def test_unsqueeze_read_by_another_node_is_not_merged():
+    nodes = [*unsqueeze("x", "u1", [0], 13), *unsqueeze("u1", "u2", [0], 13), node("Add", ["u1", "u2"])]
+    assert_untouched(noop_model(nodes, shape=(2, 3), opset=13))
+
+
+def test_unsqueeze_with_negative_axes_of_unknown_rank_is_not_merged():
+    nodes = [helper.make_node("Mystery", ["x"], ["m"], domain="custom"), *unsqueeze("m", "u1", [-1], 13),
+             *unsqueeze("u1", "t", [0], 13), node("Neg", ["t"], "y")]
+    g = helper.make_graph(nodes, "test", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("custom", 1)])
+    graph = gs.import_onnx(m)
+    assert not EliminateNoopsPass()(graph).modified
+
+
+# --- Squeeze/Unsqueeze and Cast round trips -------------------------------------------------
+
+
+def squeeze(src: str, out: str, axes: list[int], opset: int) -> list[onnx.NodeProto]:
+    if opset < 13:
+        return [node("Squeeze", [src], out, axes=axes)]
+    return [const(f"{out}_axes", i64(*axes)), node("Squeeze", [src, f"{out}_axes"], out)]
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+@pytest.mark.parametrize(("first", "a1", "a2"), [("squeeze", [1], [1]), ("squeeze", [1], [-2]),
+                                                 ("unsqueeze", [0, 2], [2, 0]), ("unsqueeze", [-1], [3])])
+def test_squeeze_and_unsqueeze_on_the_same_axes_cancel(opset, first, a1, a2):
+    one, two = (squeeze, unsqueeze) if first == "squeeze" else (unsqueeze, squeeze)
+    model = noop_model([*one("x", "a", a1, opset), *two("a", "t", a2, opset)], shape=(2, 1, 4), opset=opset)
+    assert_removed(model, ["Neg"], {"squeeze_unsqueeze": 1})
+
+
+def test_squeeze_then_unsqueeze_elsewhere_stays():
+    assert_untouched(noop_model([*squeeze("x", "a", [1], 13), *unsqueeze("a", "t", [0], 13)], shape=(2, 1, 4)))
+
+
+def shape_cast_model(mid: int) -> onnx.ModelProto:
+    """paddle2onnx's x.shape[2:] as int32 and back, used as Resize sizes."""
+    nodes = [node("Shape", ["x"], "s"), node("Slice", ["s", "two", "four"], "hw"),
+             node("Cast", ["hw"], "hw32", to=mid), node("Cast", ["hw32"], "hw64", to=TensorProto.INT64),
+             node("Concat", ["nc", "hw64"], "sizes", axis=0),
+             node("Resize", ["x", "", "", "sizes"], "y", mode="nearest")]
+    inits = [("two", i64(2)), ("four", i64(4)), ("nc", i64(1, 3))]
+    return graphs.model(nodes, [("x", F32, [1, 3, "H", "W"])], [("y", F32, [1, 3, "h", "w"])], inits, opset=13)
+
+
+def test_shape_values_through_int32_and_back_lose_no_cast():
+    model = shape_cast_model(TensorProto.INT32)
+    g, _ = assert_removed(model, ["Shape", "Slice", "Concat", "Resize"], {"merge_casts": 1, "cast": 1},
+                          {"x": graphs.rand(1, 3, 5, 7)})
+
+
+def test_shape_values_through_int16_keep_their_casts():
+    assert_untouched(shape_cast_model(TensorProto.INT16))  # a dim over 32767 would wrap
+
+
+@pytest.mark.parametrize(("dtype", "mid", "removed"), [
+    (F32, TensorProto.DOUBLE, True), (F32, TensorProto.FLOAT16, False), (F32, TensorProto.INT32, False),
+    (np.int32, TensorProto.INT64, True), (np.int64, TensorProto.INT32, False), (np.int64, TensorProto.DOUBLE, False),
+    (np.uint8, TensorProto.FLOAT16, True), (np.int16, TensorProto.FLOAT16, False), (np.bool_, TensorProto.FLOAT, True),
+])
+def test_cast_round_trip_through_a_type_that_holds_every_value(dtype, mid, removed):
+    back = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes = [node("Cast", ["x"], "m", to=mid), node("Cast", ["m"], "t", to=back), node("Identity", ["t"], "y")]
+    m = graphs.model(nodes, [("x", dtype, [5])], [("y", dtype, [5])])
+    values = [1e-40, 1 / 3, 7e4, -0.0, 1e38] if dtype == F32 else [0, 1, 127, 255, 3]
+    feeds = {"x": np.array(values, dtype)}
+    if removed:
+        assert_removed(m, ["Identity"], {"merge_casts": 1, "cast": 1}, feeds)
+    else:
+        g, res = run_pass(m)
+        assert "merge_casts" not in res.stats and [n.op for n in g.nodes][:2] == ["Cast", "Cast"]
