@@ -12,6 +12,13 @@ way to say "keep input dimension j here": the value 0 at position j (when
 constant or dimension j of the Reshape's own data input placed at position j, the
 target becomes one constant with 0 at those positions and the chain dies.
 
+More generally (``_symbolic_shapes``), any computed target whose every entry is
+known from the operators becomes a constant: an entry equal to x's own dim at its
+position becomes 0 (even when read from another tensor whose dim provably equals
+it, as attention's ``Shape(q)[2]`` for the rows of ``softmax(q k^T) v``), a static
+entry becomes its value, and the target is left alone if any other entry remains.
+When x's rank is unknown, the Concat pieces are matched structurally instead.
+
 Recognised forms of "dimension j of x" (1-element int64 tensors):
     Unsqueeze(Gather(Shape(x), j), axes=[0])   (axes as attribute or input)
     Gather(Shape(x), [j])
@@ -30,8 +37,9 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.graph_utils import Names, const_value, finish, is_standard, producer
+from onnxopt.graph_utils import Names, const_value, finish, is_standard, optional_input, producer
 from onnxopt.pass_base import GraphPass, PassResult
+from onnxopt.passes._symbolic_shapes import Facts, Sym
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +70,7 @@ def dim_of(t: gs.Tensor) -> tuple[gs.Tensor, int] | None:
     if node is None or not is_standard(node):
         return None
     if node.op == "Unsqueeze":
-        axes = node.attrs.get("axes") if "axes" in node.attrs else const_value(node.inputs[1] if len(node.inputs) > 1 else None)
+        axes = node.attrs.get("axes") if "axes" in node.attrs else const_value(optional_input(node, 1))
         if axes is None or list(np.asarray(axes).reshape(-1)) not in ([0], [-1]):
             return None
         inner = producer(node.inputs[0])
@@ -113,6 +121,22 @@ def _slice_dim(node: gs.Node) -> tuple[gs.Tensor, int] | None:
     return _pick(node.inputs[0], s, 0)
 
 
+def _known_target(node: gs.Node, facts: Facts) -> np.ndarray | None:
+    """The target as a constant when every entry is static or x's own dim at its position."""
+    value, dims = facts.value(node.inputs[1]), facts.dims(node.inputs[0])
+    if value is None or dims is None or list(value).count(-1) > 1:
+        return None
+    out = []
+    for i, v in enumerate(value):
+        if type(v) is int:
+            out.append(v)  # the runtime value itself: a 0 means "copy" exactly as it did
+        elif isinstance(v, Sym) and i < len(dims) and dims[i] == v:
+            out.append(0)
+        else:
+            return None
+    return np.array(out, dtype=np.int64)
+
+
 class SimplifyReshapePass(GraphPass):
     """Reshape(x, Concat(dims of x, constants)) -> Reshape(x, constant with 0 = keep dim)."""
 
@@ -120,11 +144,16 @@ class SimplifyReshapePass(GraphPass):
 
     def call(self, graph: gs.Graph) -> PassResult:
         names = Names(graph)
+        facts = None
         count = 0
         for node in list(graph.nodes):
             if node.op != "Reshape" or not is_standard(node) or int(node.attrs.get("allowzero", 0)):
                 continue
-            target = self._target(node)
+            if len(node.inputs) < 2 or const_value(node.inputs[1]) is not None:
+                continue
+            facts = facts or Facts(graph)  # a constant target keeps every tensor's value: facts stay true
+            target = _known_target(node, facts)
+            target = target if target is not None else self._target(node)
             if target is None:
                 continue
             node.inputs[1] = gs.Constant(names(f"{node.name or 'reshape'}_shape"), target)

@@ -76,3 +76,37 @@ def test_allowzero_is_refused():
     model = view_model(14)
     next(n for n in model.graph.node if n.op_type == "Reshape").attribute.append(helper.make_attribute("allowzero", 1))
     assert not SimplifyReshapePass()(gs.import_onnx(model)).modified
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_dims_read_from_a_tensor_with_provably_equal_dims_become_zeros(opset):
+    """y = x @ W keeps x's leading dims: y.view(x.size(0), x.size(1), 4, 16) keeps them too."""
+    nodes = dim_piece("d0", "x", 0, opset) + dim_piece("d1", "x", 1, opset) + [
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+        helper.make_node("Constant", [], ["tail"], value=helper.make_tensor("t", 7, [2], [4, 16])),
+        helper.make_node("Concat", ["d0", "d1", "tail"], ["target"], axis=0),
+        helper.make_node("Reshape", ["y", "target"], ["z"]),
+    ]
+    model = graphs.model(nodes, [("x", np.float32, ["N", "S", 64])], [("z", np.float32, ["a", "b", 4, 16])],
+                         [("w", graphs.rand(64, 64))], opset=opset)
+    graph = gs.import_onnx(model)
+    result = SimplifyReshapePass()(graph)
+    assert result.modified and result.stats == {"simplify_reshape": 1}
+    assert [n.op for n in graph.nodes] == ["MatMul", "Reshape"]
+    assert graph.nodes[1].inputs[1].values.tolist() == [0, 0, 4, 16]
+    for shape in ((2, 5, 64), (1, 1, 64)):
+        numerics.assert_same_outputs(model, graph, {"x": graphs.rand(*shape)})
+    assert not SimplifyReshapePass()(graph).modified
+
+
+def test_dims_that_only_sometimes_match_are_refused():
+    """x (N, S, 64) + b (M, 1, 1): the sum's dim 0 is N or M, whichever is not 1, so M != dim 0."""
+    nodes = dim_piece("d0", "b", 0, 13) + [
+        helper.make_node("Add", ["x", "b"], ["y"]),
+        helper.make_node("Constant", [], ["tail"], value=helper.make_tensor("t", 7, [1], [-1])),
+        helper.make_node("Concat", ["d0", "tail"], ["target"], axis=0),
+        helper.make_node("Reshape", ["y", "target"], ["z"]),
+    ]
+    model = graphs.model(nodes, [("x", np.float32, ["N", "S", 64]), ("b", np.float32, ["M", 1, 1])],
+                         [("z", np.float32, ["a", "b"])], opset=13)
+    assert not SimplifyReshapePass()(gs.import_onnx(model)).modified
