@@ -11,9 +11,11 @@ counts, changes), and calls its ``after_each`` hooks after every pass that chang
 the graph: that is how ``--verify-each`` names the first pass that moved the outputs.
 
 A pass that raises is a bug in onnxopt. With ``strict=True`` (tests) the manager
-re-raises it as ``PassError``; otherwise it restores the graph as it was before that
-pass, records the failure and goes on, so one broken rewrite never costs the user
-the whole run.
+re-raises it as ``PassError``. Otherwise it records the failure, disables that pass,
+restores the graph as it was at the start of the round and replays the round
+without it (passes are deterministic, so the replay reaches the same state minus
+the broken rewrite). One copy per round instead of one per pass: copying a large
+graph costs more than most passes.
 """
 
 from __future__ import annotations
@@ -114,11 +116,16 @@ class PassManager:
 
     def run(self, graph: gs.Graph) -> gs.Graph:
         """Run to a fixed point; return the graph (a restored copy if a pass failed)."""
+        disabled: set[str] = set()
         for step in range(1, self.max_steps + 1):
-            changed = False
-            for p in self.passes:
-                graph, modified = self._run_one(p, graph, step)
-                changed |= modified
+            snapshot = None if self.strict else graph.copy()
+            while True:
+                try:
+                    graph, changed = self._round(graph, step, disabled)
+                    break
+                except _Crashed as crash:
+                    disabled.add(crash.name)
+                    graph = snapshot.copy()
             if not changed:
                 break
         else:
@@ -126,24 +133,31 @@ class PassManager:
                 logger.info("passes still changing the graph after %d rounds; stopped", self.max_steps)
         return graph
 
-    def _run_one(self, p: GraphPass, graph: gs.Graph, step: int) -> tuple[gs.Graph, bool]:
+    def _round(self, graph: gs.Graph, step: int, disabled: set[str]) -> tuple[gs.Graph, bool]:
+        changed = False
+        for p in self.passes:
+            if p.name not in disabled:
+                changed |= self._run_one(p, graph, step)
+        return graph, changed
+
+    def _run_one(self, p: GraphPass, graph: gs.Graph, step: int) -> bool:
         before = len(graph.nodes)
-        backup = None if self.strict else graph.copy()
         t0 = time.perf_counter()
         try:
             result = p(graph)
         except OnnxoptError:
             raise
         except Exception as e:
-            done = [r.name for r in self.records]
-            if self.strict or backup is None:
+            if self.strict:
+                done = [r.name for r in self.records]
                 raise PassError(f"pass {p.name!r} failed at step {step} after {done}: {e}") from e
-            logger.warning("pass %s failed (%s: %s); its changes were undone", p.name, type(e).__name__, e)
+            logger.warning("pass %s failed (%s: %s); it is disabled and its round replayed without it",
+                           p.name, type(e).__name__, e)
             self.records.append(
                 PassRecord(p.name, step, False, {}, time.perf_counter() - t0, before, before,
                            error=f"{type(e).__name__}: {e}")
             )
-            return backup, False
+            raise _Crashed(p.name) from e
         seconds = time.perf_counter() - t0
         self.records.append(
             PassRecord(p.name, step, result.modified, dict(result.stats), seconds, before,
@@ -153,4 +167,12 @@ class PassManager:
         if result.modified:
             for hook in self.after_each:
                 hook(p, graph, result)
-        return graph, result.modified
+        return result.modified
+
+
+class _Crashed(Exception):
+    """A pass raised in a non-strict run; carries its name to the round loop."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
