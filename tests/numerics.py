@@ -39,3 +39,13 @@ def assert_same_outputs(before, after, feeds=None, *, rtol: float = 1e-4, atol: 
         assert a[name].shape == b[name].shape, f"{name}: shape {a[name].shape} -> {b[name].shape}"
         assert a[name].dtype == b[name].dtype, f"{name}: dtype {a[name].dtype} -> {b[name].dtype}"
         np.testing.assert_allclose(b[name], a[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+def assert_untouched(model: onnx.ModelProto, graph: gs.Graph, result, reason: str | None = None) -> None:
+    """A pass left ``model`` exactly as it was; with ``reason``, it reported one refusal saying so."""
+    assert not result.modified and not result.stats
+    assert gs.export_onnx(graph).graph == gs.export_onnx(gs.import_onnx(model)).graph
+    if reason is None:
+        assert not result.skipped, result.skipped
+    else:
+        assert len(result.skipped) == 1 and reason in result.skipped[0].reason, result.skipped
