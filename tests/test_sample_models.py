@@ -91,11 +91,13 @@ def test_bert_qkv_projections_become_one_matmul_per_layer(name):
 
 
 @pytest.mark.slow
-def test_inception_branches_merge():
+def test_inception_reductions_that_stay_split_are_not_merged():
+    """Only b1 goes straight into the Concat; the other 1x1 convs feed 3x3/5x5 convs (GoogLeNet's
+    layout). Merging them would leave a Split, measured slower on onnxruntime, so none is merged."""
     model = onnx.load(MODELS / "inception_block.onnx")
     opt = onnxopt.optimize(model)
-    convs = lambda m: sum(n.op_type == "Conv" for n in m.graph.node)  # noqa: E731
-    assert convs(opt) == convs(model) - 2  # three 1x1 branches on one tensor become one Conv
+    ops = Counter(n.op_type for n in opt.graph.node)
+    assert ops["Conv"] == Counter(n.op_type for n in model.graph.node)["Conv"] and "Split" not in ops
 
 
 @pytest.mark.slow
