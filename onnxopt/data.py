@@ -43,22 +43,32 @@ def npz_files(path: str | Path) -> list[Path]:
 
 def load_feeds(path: str | Path, model: onnx.ModelProto, *, limit: int | None = None) -> list[Feeds]:
     """Every batch of the data at ``path``, checked against ``model``'s inputs."""
-    batches: list[Feeds] = []
+    return list(iter_feeds(path, model, limit))
+
+
+def iter_feeds(path: str | Path, model: onnx.ModelProto, limit: int | None = None) -> Iterator[Feeds]:
+    """The batches of ``load_feeds`` one at a time, reading one file at a time, so that
+    memory holds one file, never the whole data set (calibration streams through this).
+    A missing path fails here; data errors when the stream reaches them."""
+    return _stream(npz_files(path), path, model, limit)
+
+
+def _stream(files: list[Path], path: str | Path, model: onnx.ModelProto, limit: int | None) -> Iterator[Feeds]:
+    if limit is not None and limit <= 0:
+        return
     seen = 0
-    for f in npz_files(path):
-        arrays = _read_npz(f)
-        for feeds in _batches(arrays, model, f):
-            if limit is not None and seen >= limit:
-                return batches
+    for f in files:
+        for feeds in _batches(_read_npz(f), model, f):
             n = next(iter(feeds.values())).shape[0] if feeds else 1
             if limit is not None and seen + n > limit:
                 feeds = {k: v[: limit - seen] for k, v in feeds.items()}
                 n = limit - seen
-            batches.append(feeds)
+            yield feeds
             seen += n
-    if not batches:
+            if limit is not None and seen >= limit:
+                return
+    if not seen:
         raise DataError(f"{path}: no samples")
-    return batches
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
