@@ -10,10 +10,10 @@ for .npz files, or a user's own loader.
 
 from onnxopt.calibration.cache import calibrate, fingerprint, load_ranges, save_ranges
 from onnxopt.calibration.collect import collect
-from onnxopt.calibration.config import CalibrationConfig, CalibrationMethod
 from onnxopt.calibration.kl import kl_threshold
 from onnxopt.calibration.observers import TensorStats
 from onnxopt.calibration.ranges import TensorRange, percentile_threshold, select_ranges
+from onnxopt.config import CalibrationConfig, CalibrationMethod
 
 __all__ = [
     "CalibrationConfig",

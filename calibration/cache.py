@@ -34,8 +34,8 @@ import numpy as np
 import onnx
 
 from onnxopt.calibration.collect import collect
-from onnxopt.calibration.config import CalibrationConfig, CalibrationMethod
 from onnxopt.calibration.ranges import TensorRange, select_ranges
+from onnxopt.config import CalibrationConfig, CalibrationMethod
 from onnxopt.errors import UserError
 from onnxopt.io import check_output_path
 

@@ -26,8 +26,8 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from onnxopt import runtime
-from onnxopt.calibration.config import CalibrationConfig
 from onnxopt.calibration.observers import TensorStats
+from onnxopt.config import CalibrationConfig
 from onnxopt.errors import DataError, UserError
 
 logger = logging.getLogger(__name__)

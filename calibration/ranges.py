@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxopt.calibration.config import CalibrationConfig, CalibrationMethod
 from onnxopt.calibration.kl import kl_threshold
 from onnxopt.calibration.observers import TensorStats
+from onnxopt.config import CalibrationConfig, CalibrationMethod
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from onnxopt.errors import UserError
+
 
 class Target(enum.Enum):
     """Which runtime the output is meant for."""
@@ -26,3 +28,55 @@ class OptimizeConfig:
     # Convert the model to this default-domain opset before the passes (None: keep its opset).
     # Opt-in: newer opsets unlock fusions (LayerNormalization needs 17) but not every runtime has them.
     opset: int | None = None
+
+
+# ---- int8: calibration ----
+
+
+class CalibrationMethod(enum.Enum):
+    ENTROPY = "entropy"  # TensorRT KL-divergence threshold on the histogram of |x|
+    MINMAX = "minmax"  # observed min and max
+    PERCENTILE = "percentile"  # the given percentile of |x|
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    method: CalibrationMethod = CalibrationMethod.ENTROPY
+    num_bins: int = 2048  # histogram of |x|
+    num_quant_bins: int = 128  # KL: candidate quantized levels (int8 -> 128)
+    percentile: float = 99.99
+    batch_size: int = 16  # samples per onnxruntime run
+    max_samples: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.method, CalibrationMethod):
+            raise UserError(f"calibration method {self.method!r} is not one of {[m.value for m in CalibrationMethod]}")
+        if self.num_quant_bins < 1 or self.num_bins < self.num_quant_bins:
+            raise UserError(f"need 1 <= num_quant_bins ({self.num_quant_bins}) <= num_bins ({self.num_bins})")
+        if not 0 < self.percentile <= 100:
+            raise UserError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.batch_size < 1:
+            raise UserError(f"calibration batch size must be at least 1, got {self.batch_size}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise UserError(f"calibration samples must be at least 1, got {self.max_samples}")
+
+
+# ---- int8: QDQ quantization ----
+
+
+class ActivationType(enum.Enum):
+    INT8 = "int8"
+    UINT8 = "uint8"
+
+
+class QuantTarget(enum.Enum):
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"  # everything symmetric, zero points 0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    activation_type: ActivationType = ActivationType.INT8
+    target: QuantTarget = QuantTarget.ONNXRUNTIME
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()  # node names or op types kept in float

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxopt.config import ActivationType, QuantConfig, QuantTarget
 from onnxopt.graph_utils import has_subgraph, is_graph_output, is_standard, optional_input
 from onnxopt.pass_base import Skip
-from onnxopt.passes._qdq_config import ActivationType, QuantConfig, QuantTarget
 from onnxopt.passes._qdq_weights import WeightSpec, weight_spec
 from onnxopt.passes.fuse_conv_activation import clip_bounds
 

@@ -49,12 +49,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.calibration.ranges import TensorRange
+from onnxopt.config import ActivationType, QuantConfig, QuantTarget
 from onnxopt.errors import UnsupportedModelError, UserError
 from onnxopt.graph_utils import Names, finish, opset, producer
 from onnxopt.pass_base import GraphPass, PassResult, Skip
 from onnxopt.passes import _qdq_math as qm
 from onnxopt.passes import _qdq_plan as qp
-from onnxopt.passes._qdq_config import ActivationType, QuantConfig, QuantTarget
 from onnxopt.passes._qdq_weights import QuantizedWeight, quantize
 
 logger = logging.getLogger(__name__)
