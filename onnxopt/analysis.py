@@ -6,7 +6,8 @@ MACs come from shapes inferred with the concrete input shapes used for validatio
     ConvTranspose  N * Cin * prod(in spatial) * Cout/group * prod(kernel)
     MatMul         prod(broadcast batch dims) * M * K * N
     Gemm           M * K * N
-Parameters are the elements of floating-point initializers and Constant values.
+Parameters are the elements of floating-point initializers and Constant values, and
+of the 8-bit and int32 initializers that hold quantized weights and biases.
 Nodes inside control-flow subgraphs are counted as nodes; their MACs are not.
 """
 
@@ -66,7 +67,7 @@ def model_stats(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None, siz
 def count_params(model: onnx.ModelProto) -> int:
     total = 0
     for t in model.graph.initializer:
-        if helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f":
+        if _is_param(helper.tensor_dtype_to_np_dtype(t.data_type)):
             total += int(np.prod(t.dims)) if t.dims else 1
     for n in _all_nodes(model.graph):
         if n.op_type == "Constant":
@@ -74,6 +75,11 @@ def count_params(model: onnx.ModelProto) -> int:
                 if a.name == "value" and helper.tensor_dtype_to_np_dtype(a.t.data_type).kind == "f":
                     total += int(np.prod(a.t.dims)) if a.t.dims else 1
     return total
+
+
+def _is_param(dtype: np.dtype) -> bool:
+    """Weights and biases: floats, and the int8/uint8/int32 storage of quantized ones (shapes are int64)."""
+    return dtype.kind == "f" or dtype in (np.int8, np.uint8, np.int32)
 
 
 def _all_nodes(graph: onnx.GraphProto):

@@ -12,9 +12,18 @@ import logging
 import sys
 import time
 import traceback
+from pathlib import Path
 
-from onnxopt import __version__, analysis, data, io, presets, report, runtime, validate
-from onnxopt.config import OptimizeConfig, Target
+from onnxopt import __version__, analysis, data, io, presets, quantize, report, runtime, validate
+from onnxopt.config import (
+    ActivationType,
+    CalibrationConfig,
+    CalibrationMethod,
+    OptimizeConfig,
+    QuantConfig,
+    QuantTarget,
+    Target,
+)
 from onnxopt.errors import UserError, ValidationFailed, VerificationError
 from onnxopt.optimizer import optimize_model
 
@@ -39,6 +48,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, metavar="N", help="use at most N samples of --data")
     p.add_argument("--latency-repeat", type=int, default=20, metavar="N",
                    help="runs per latency median (0: do not measure latency)")
+    p.add_argument("--min-cosine", type=float, metavar="C", help="accuracy budget: every float output keeps mean "
+                   "cosine >= C against the reference")
+    p.add_argument("--min-top1", type=float, metavar="A", help="accuracy budget: 2-D logits keep top-1 agreement "
+                   ">= A (a fraction, e.g. 0.99)")
     p.add_argument("--report", metavar="R.json", help="write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
@@ -54,7 +67,8 @@ def optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", metavar="A,B", help="run exactly these passes instead of the preset")
     p.add_argument("--skip", metavar="A,B", default="", help="leave these passes out")
     p.add_argument("--target", choices=[t.value for t in Target], default=Target.STANDARD.value,
-                   help="standard: standard ONNX ops only (default); onnxruntime: may use com.microsoft FusedConv")
+                   help="standard: standard ONNX ops only (default); onnxruntime: may use com.microsoft FusedConv; "
+                   "tensorrt: standard ops, int8 symmetric with zero points 0")
     p.add_argument("--opset", type=int, metavar="N", help="convert to opset N first (e.g. 17 for LayerNormalization "
                    "fusion); the output then needs a runtime that supports opset N")
     p.add_argument("--outputs", metavar="A,B", help="keep only these graph outputs and prune what feeds nothing else")
@@ -63,8 +77,27 @@ def optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip the final comparison with the input model")
     p.add_argument("--force", action="store_true", help="allow writing over the input file")
     p.add_argument("--version", action="version", version=f"onnxopt {__version__}")
+    _int8_options(p)
     _common(p)
     return p
+
+
+def _int8_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("int8 quantization")
+    g.add_argument("--int8", action="store_true", help="quantize to int8 QDQ after the lossless passes")
+    g.add_argument("--calibrate", metavar="X.npz", help="calibration samples: .npz keyed by input name, first axis "
+                   "= samples, or a folder of them (shapes may differ between files)")
+    g.add_argument("--calibration-samples", type=int, metavar="N", help="use at most N calibration samples")
+    g.add_argument("--calibration-method", choices=[m.value for m in CalibrationMethod],
+                   default=CalibrationMethod.ENTROPY.value, help="range selection (default: entropy, TensorRT's KL)")
+    g.add_argument("--percentile", type=float, default=CalibrationConfig.percentile, metavar="P",
+                   help="percentile of |x| for --calibration-method percentile")
+    g.add_argument("--calibration-cache", metavar="R.json", help="reuse ranges saved here (no calibration run), "
+                   "or save them here")
+    g.add_argument("--activation-type", choices=[a.value for a in ActivationType],
+                   help="int8 or uint8 activations (default: uint8, which onnxruntime on x86 fuses everywhere; "
+                   "int8 with --target tensorrt)")
+    g.add_argument("--exclude", metavar="A,B", help="node names or op types to keep in float")
 
 
 def validate_parser() -> argparse.ArgumentParser:
@@ -128,22 +161,65 @@ def _shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
 
 
 def _feeds(args, model) -> tuple[list[dict], str]:
+    """Inputs for validation: --data, else the calibration samples (int8), else generated ones."""
     shapes = _shapes(args.shape)
     if args.samples is not None and args.samples < 1:
         raise UserError("--samples must be at least 1")
     if args.data:
         return data.load_feeds(args.data, model, limit=args.samples), f"data: {args.data}"
+    if getattr(args, "int8", False) and args.calibrate:
+        feeds = data.load_feeds(args.calibrate, model, limit=args.samples or args.calibration_samples)
+        return feeds, f"calibration data {args.calibrate}, not held out: give --data for that"
     return [runtime.random_feeds(model, shapes=shapes, seed=0)], "generated inputs"
+
+
+def _budget(args) -> validate.Budget:
+    for name in ("min_cosine", "min_top1"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
+    lossy = getattr(args, "int8", False) or args.min_cosine is not None or args.min_top1 is not None
+    rtol = getattr(args, "rtol", validate.LOSSLESS_RTOL)
+    return validate.Budget(rtol=rtol, lossy=lossy, min_cosine=args.min_cosine, min_top1=args.min_top1)
+
+
+def _configs(args) -> tuple[str, list[str], OptimizeConfig]:
+    preset = f"O{args.level}"
+    names = presets.pass_names(preset, _csv(args.passes), _csv(args.skip) or ())
+    target = Target(args.target)
+    if args.int8:
+        # A com.microsoft FusedConv cannot be quantized: the float part stays standard ONNX.
+        names = [n for n in names if n != "fuse_conv_activation"]
+        target = Target.STANDARD if target is Target.ONNXRUNTIME else target
+        if not args.calibrate and not (args.calibration_cache and Path(args.calibration_cache).exists()):
+            raise UserError("--int8 needs calibration samples: --calibrate samples.npz (or an existing "
+                            "--calibration-cache)")
+    elif args.calibrate or args.calibration_cache:
+        raise UserError("--calibrate and --calibration-cache go with --int8")
+    outputs = tuple(_csv(args.outputs)) if args.outputs else None
+    return preset, names, OptimizeConfig(target=target, outputs=outputs, opset=args.opset)
+
+
+def _quantize(args, model) -> quantize.Quantized:
+    target = QuantTarget.TENSORRT if args.target == Target.TENSORRT.value else QuantTarget.ONNXRUNTIME
+    default_type = ActivationType.INT8 if target is QuantTarget.TENSORRT else ActivationType.UINT8
+    activation = ActivationType(args.activation_type) if args.activation_type else default_type
+    qconfig = QuantConfig(activation_type=activation, target=target, exclude=tuple(_csv(args.exclude) or ()))
+    cconfig = CalibrationConfig(method=CalibrationMethod(args.calibration_method), percentile=args.percentile,
+                                max_samples=args.calibration_samples)
+    samples = data.iter_feeds(args.calibrate, model, limit=args.calibration_samples) if args.calibrate else iter(())
+    progress = not args.quiet and sys.stderr.isatty()
+    q = quantize.quantize_model(model, samples, qconfig, cconfig, cache=args.calibration_cache, progress=progress)
+    q.facts = quantize.report(q, cconfig, qconfig)
+    return q
 
 
 def _optimize(args) -> int:
     _setup_logging(args)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    preset = f"O{args.level}"
-    names = presets.pass_names(preset, _csv(args.passes), _csv(args.skip) or ())
-    config = OptimizeConfig(target=Target(args.target), outputs=tuple(_csv(args.outputs)) if args.outputs else None,
-                            opset=args.opset)
+    preset, names, config = _configs(args)
+    budget = _budget(args)
     io.check_output_path(args.output, protect=args.input, force=args.force)
     if args.report:
         io.check_output_path(args.report, protect=args.input)
@@ -154,20 +230,27 @@ def _optimize(args) -> int:
 
     t = time.perf_counter()
     result = optimize_model(model, names, config, verify_feeds=feeds if args.verify_each else None)
+    final, final_data, quant = result.model, result.data, None
     timings["optimize"] = time.perf_counter() - t
+    if args.int8:
+        t = time.perf_counter()
+        quant = _quantize(args, result.model)
+        final, final_data = quant.model, quant.data
+        timings["quantize"] = time.perf_counter() - t
 
     check = None
     if not args.no_validate:
         t = time.perf_counter()
         reference = args.input if config.outputs is None else _select_outputs(model, config.outputs)
-        candidate = result.data if result.data is not None else result.model
-        check = validate.compare(reference, candidate, feeds, source=source, latency_repeat=args.latency_repeat)
+        candidate = final_data if final_data is not None else final
+        check = validate.compare(reference, candidate, feeds, source=source, budget=budget,
+                                 latency_repeat=args.latency_repeat)
         timings["validate"] = time.perf_counter() - t
 
     written = None
     if check is None or check:
         t = time.perf_counter()
-        written = str(io.save_model(result.model, args.output, protect=args.input, force=args.force, data=result.data))
+        written = str(io.save_model(final, args.output, protect=args.input, force=args.force, data=final_data))
         timings["save"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
@@ -175,8 +258,9 @@ def _optimize(args) -> int:
     facts = report.build(
         input_path=args.input, output_path=written, preset=preset, passes=result.passes, target=args.target,
         before=analysis.model_stats(model, first, io.file_size(args.input)),
-        after=analysis.model_stats(result.model, first, io.file_size(written) if written else result.model.ByteSize()),
+        after=analysis.model_stats(final, first, io.file_size(written) if written else final.ByteSize()),
         records=result.records, validation=check, seconds=timings,
+        quantization=quant.facts if quant else None,
     )
     _emit(args, facts, report.render(facts))
     if check is not None and not check:
@@ -200,7 +284,7 @@ def _validate(args) -> int:
         io.check_output_path(args.report, protect=args.reference)
     a, b = io.load_model(args.reference), io.load_model(args.candidate)
     feeds, source = _feeds(args, a)
-    check = validate.compare(a, b, feeds, source=source, rtol=args.rtol, latency_repeat=args.latency_repeat)
+    check = validate.compare(a, b, feeds, source=source, budget=_budget(args), latency_repeat=args.latency_repeat)
     facts = {
         "onnxopt": __version__, "reference": args.reference, "candidate": args.candidate,
         "reference_size_bytes": io.file_size(args.reference), "candidate_size_bytes": io.file_size(args.candidate),

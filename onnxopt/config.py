@@ -13,6 +13,7 @@ class Target(enum.Enum):
 
     STANDARD = "standard"  # standard ONNX operators only: loads in any runtime
     ONNXRUNTIME = "onnxruntime"  # may use com.microsoft contrib ops onnxruntime runs (FusedConv)
+    TENSORRT = "tensorrt"  # standard ops; int8 is symmetric with zero points 0, as TensorRT requires
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ def build(
     records: list[PassRecord],
     validation: ValidationReport | None,
     seconds: dict[str, float],
+    quantization: dict | None = None,
 ) -> dict:
     latency = validation.latency_ms if validation else {}
     return {
@@ -42,6 +43,7 @@ def build(
             {"pass": r.name, "node": s.node, "op": s.op, "reason": s.reason} for r in records for s in r.skipped
         ],
         "errors": [{"pass": r.name, "step": r.step, "error": r.error} for r in records if r.error],
+        "quantization": quantization,
         "validation": validation.to_json() if validation else None,
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
     }
@@ -94,6 +96,8 @@ def render(report: dict) -> str:
     if changed:
         lines += ["", "nodes by op (changed only):"] + _table(["op", "before", "after"], changed)
     lines += ["", *_render_passes(report)]
+    if report.get("quantization"):
+        lines += ["", *_render_quantization(report["quantization"])]
     if report["validation"]:
         lines += ["", *_render_validation(report["validation"])]
     return "\n".join(lines)
@@ -123,9 +127,19 @@ def _render_passes(report: dict) -> list[str]:
     return out
 
 
+def _render_quantization(q: dict) -> list[str]:
+    out = [f"int8 ({q['method']} calibration, {q['activation_type']} activations, {q['target']}): "
+           f"{q['nodes_quantized']} nodes quantized, {len(q['kept_in_float'])} kept in float"]
+    for s in q["kept_in_float"][:10]:
+        out.append(f"  float {s['op']} {s['node']!r}: {s['reason']}")
+    if len(q["kept_in_float"]) > 10:
+        out.append(f"  ... {len(q['kept_in_float']) - 10} more in the JSON report")
+    return out
+
+
 def _render_validation(v: dict) -> list[str]:
     verdict = "PASS" if v["passed"] else "FAIL"
-    out = [f"validation on {v['samples']} samples ({v['source']}): {verdict}  (tolerance: rel L2 <= {v['rtol']:g})"]
+    out = [f"validation on {v['samples']} samples ({v['source']}): {verdict}  ({v['budget']['description']})"]
     rows = []
     for name, m in v["outputs"].items():
         top1 = "-" if m["top1"] is None else f"{100 * m['top1']:.1f}%"

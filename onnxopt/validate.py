@@ -3,9 +3,14 @@
 Per output, over every sample: max abs error, relative L2 error ||b-a|| / ||a||,
 cosine similarity (mean over samples of the flattened per-sample vectors, and the
 worst sample), SQNR in dB (10 log10 of signal over error energy), and top-1
-agreement when the output is 2-D logits. Integer and bool outputs must match
-exactly. A lossless comparison passes when every float output has relative L2
-error <= ``rtol`` (or max abs error <= ``atol`` for outputs that are all but zero).
+agreement when the output is 2-D logits.
+
+What passes is a ``Budget``. Lossless (the default): every float output has
+relative L2 error <= ``rtol`` (or max abs error <= ``atol`` for outputs that are
+all but zero) and integer and bool outputs match exactly. Lossy (int8, ...): every
+float output keeps mean cosine >= ``min_cosine`` and 2-D logits keep top-1
+agreement >= ``min_top1``, where given; without either, the numbers are reported
+and nothing fails.
 
 The report is truthy when it passes (Polygraphy style).
 """
@@ -16,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -29,6 +34,32 @@ logger = logging.getLogger(__name__)
 
 LOSSLESS_RTOL = 1e-4
 LOSSLESS_ATOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a comparison must meet to pass (see the module docstring)."""
+
+    rtol: float = LOSSLESS_RTOL
+    atol: float = LOSSLESS_ATOL
+    lossy: bool = False
+    min_cosine: float | None = None
+    min_top1: float | None = None
+
+    def describe(self) -> str:
+        if not self.lossy:
+            return f"tolerance: rel L2 <= {self.rtol:g}"
+        parts = [f"cosine >= {self.min_cosine}"] if self.min_cosine is not None else []
+        parts += [f"top-1 >= {self.min_top1}"] if self.min_top1 is not None else []
+        return "budget: " + (", ".join(parts) if parts else "none given, report only")
+
+    def passes(self, m: OutputMetrics, floating: bool) -> bool:
+        if not self.lossy:
+            return m.exact if not floating else m.rel_l2 <= self.rtol or m.max_abs <= self.atol
+        if not floating:
+            return True
+        ok = self.min_cosine is None or m.cosine >= self.min_cosine
+        return ok and (self.min_top1 is None or m.top1 is None or m.top1 >= self.min_top1)
 
 
 @dataclass(frozen=True)
@@ -55,8 +86,7 @@ class ValidationReport:
     outputs: list[OutputMetrics]
     samples: int
     source: str  # "data: path" or "generated inputs"
-    rtol: float = LOSSLESS_RTOL
-    atol: float = LOSSLESS_ATOL
+    budget: Budget = Budget()
     latency_ms: dict[str, float] = field(default_factory=dict)  # "a"/"b" -> median ms
 
     @property
@@ -72,23 +102,23 @@ class ValidationReport:
     def summary(self) -> str:
         bad = self.failures()
         if not bad:
-            return f"all {len(self.outputs)} outputs within rel L2 {self.rtol:g} on {self.samples} samples"
+            return f"all {len(self.outputs)} outputs pass on {self.samples} samples ({self.budget.describe()})"
         o = bad[0]
-        return f"output {o.name!r} moved: rel L2 {o.rel_l2:.3g}, max abs {o.max_abs:.3g} (tolerance {self.rtol:g})"
+        return (f"output {o.name!r} moved: rel L2 {o.rel_l2:.3g}, max abs {o.max_abs:.3g}, cosine {o.cosine:.6f}"
+                f" ({self.budget.describe()})")
 
     def to_json(self) -> dict:
         return {
             "passed": self.passed,
             "samples": self.samples,
             "source": self.source,
-            "rtol": self.rtol,
-            "atol": self.atol,
+            "budget": {**asdict(self.budget), "description": self.budget.describe()},
             "latency_ms": self.latency_ms,
             "outputs": {o.name: o.to_json() for o in self.outputs},
         }
 
 
-def metrics(name: str, a: np.ndarray, b: np.ndarray, *, rtol: float, atol: float) -> OutputMetrics:
+def metrics(name: str, a: np.ndarray, b: np.ndarray, budget: Budget = Budget()) -> OutputMetrics:
     """Compare reference ``a`` with candidate ``b`` (first axis = samples)."""
     if a.shape != b.shape:
         nan = float("nan")
@@ -96,8 +126,9 @@ def metrics(name: str, a: np.ndarray, b: np.ndarray, *, rtol: float, atol: float
     exact = bool(np.array_equal(a, b))
     if not np.issubdtype(a.dtype, np.floating):
         diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
-        return OutputMetrics(name, a.shape, diff, 0.0 if exact else 1.0, 1.0 if exact else 0.0,
-                             1.0 if exact else 0.0, math.inf if exact else 0.0, None, exact, exact)
+        m = OutputMetrics(name, a.shape, diff, 0.0 if exact else 1.0, 1.0 if exact else 0.0,
+                          1.0 if exact else 0.0, math.inf if exact else 0.0, None, exact, False)
+        return replace(m, passed=budget.passes(m, floating=False))
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     finite = np.isfinite(a64) & np.isfinite(b64)
     same_nonfinite = bool(np.array_equal(~np.isfinite(a64), ~np.isfinite(b64)))
@@ -111,9 +142,9 @@ def metrics(name: str, a: np.ndarray, b: np.ndarray, *, rtol: float, atol: float
     top1 = None
     if a.ndim == 2 and a.shape[1] > 1:
         top1 = float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
-    passed = same_nonfinite and (rel_l2 <= rtol or max_abs <= atol)
-    return OutputMetrics(name, a.shape, max_abs, rel_l2, float(np.mean(cos)) if cos.size else 1.0,
-                         float(np.min(cos)) if cos.size else 1.0, sqnr, top1, exact, passed)
+    m = OutputMetrics(name, a.shape, max_abs, rel_l2, float(np.mean(cos)) if cos.size else 1.0,
+                      float(np.min(cos)) if cos.size else 1.0, sqnr, top1, exact, False)
+    return replace(m, passed=same_nonfinite and budget.passes(m, floating=True))
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -133,8 +164,7 @@ def compare(
     feeds: Sequence[dict[str, np.ndarray]],
     *,
     source: str = "generated inputs",
-    rtol: float = LOSSLESS_RTOL,
-    atol: float = LOSSLESS_ATOL,
+    budget: Budget = Budget(),
     latency_repeat: int = 0,
 ) -> ValidationReport:
     """Run ``a`` (reference) and ``b`` on every batch of ``feeds`` and compare outputs.
@@ -142,7 +172,7 @@ def compare(
     Each model may be given as a ModelProto, its serialized bytes or a file path.
     """
     sa, sb = runtime.session(a), runtime.session(b)
-    report = compare_runs([runtime.run(sa, f) for f in feeds], sb, feeds, source=source, rtol=rtol, atol=atol)
+    report = compare_runs([runtime.run(sa, f) for f in feeds], sb, feeds, source=source, budget=budget)
     if latency_repeat:
         report.latency_ms = {name: latency_ms(s, feeds[0], latency_repeat) for name, s in (("a", sa), ("b", sb))}
     return report
@@ -154,8 +184,7 @@ def compare_runs(
     feeds: Sequence[dict[str, np.ndarray]],
     *,
     source: str = "generated inputs",
-    rtol: float = LOSSLESS_RTOL,
-    atol: float = LOSSLESS_ATOL,
+    budget: Budget = Budget(),
 ) -> ValidationReport:
     """Compare outputs already computed for ``feeds`` with what ``sess`` gives on them."""
     names_b = [o.name for o in sess.get_outputs()]
@@ -163,11 +192,11 @@ def compare_runs(
     if missing:
         raise DataError(f"second model lacks outputs {missing} of the first; it has {names_b}")
     outs_b = [runtime.run(sess, f) for f in feeds]
-    report = ValidationReport([], _count_samples(feeds), source, rtol, atol)
+    report = ValidationReport([], _count_samples(feeds), source, budget)
     for name in reference[0]:
         ra = _stack([o[name] for o in reference])
         rb = _stack([o[name] for o in outs_b])
-        report.outputs.append(metrics(name, ra, rb, rtol=rtol, atol=atol))
+        report.outputs.append(metrics(name, ra, rb, budget))
     return report
 
 
