@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from onnxopt import __version__, analysis, data, io, presets, quantize, report, runtime, validate
+from onnxopt import __version__, analysis, data, io, presets, quantize, report, runtime, sensitivity, validate
 from onnxopt.config import (
     ActivationType,
     CalibrationConfig,
@@ -98,6 +98,9 @@ def _int8_options(p: argparse.ArgumentParser) -> None:
                    help="int8 or uint8 activations (default: uint8, which onnxruntime on x86 fuses everywhere; "
                    "int8 with --target tensorrt)")
     g.add_argument("--exclude", metavar="A,B", help="node names or op types to keep in float")
+    g.add_argument("--sensitivity", action="store_true", help="measure what quantizing each layer alone costs "
+                   "on the calibration samples; list the worst (all in --report). With --min-cosine/--min-top1, "
+                   "the costliest layers are kept in float until the budget is met on the calibration samples")
 
 
 def validate_parser() -> argparse.ArgumentParser:
@@ -194,13 +197,15 @@ def _configs(args) -> tuple[str, list[str], OptimizeConfig]:
         if not args.calibrate and not (args.calibration_cache and Path(args.calibration_cache).exists()):
             raise UserError("--int8 needs calibration samples: --calibrate samples.npz (or an existing "
                             "--calibration-cache)")
-    elif args.calibrate or args.calibration_cache:
-        raise UserError("--calibrate and --calibration-cache go with --int8")
+    elif args.calibrate or args.calibration_cache or args.sensitivity:
+        raise UserError("--calibrate, --calibration-cache and --sensitivity go with --int8")
     outputs = tuple(_csv(args.outputs)) if args.outputs else None
     return preset, names, OptimizeConfig(target=target, outputs=outputs, opset=args.opset)
 
 
-def _quantize(args, model) -> quantize.Quantized:
+def _quantize(args, model, budget: validate.Budget, feeds: list[dict],
+              source: str) -> tuple[quantize.Quantized, sensitivity.Tuning | None]:
+    """Calibrate and quantize; with --sensitivity or a budget, measure layers and keep the worst in float."""
     target = QuantTarget.TENSORRT if args.target == Target.TENSORRT.value else QuantTarget.ONNXRUNTIME
     default_type = ActivationType.INT8 if target is QuantTarget.TENSORRT else ActivationType.UINT8
     activation = ActivationType(args.activation_type) if args.activation_type else default_type
@@ -210,8 +215,26 @@ def _quantize(args, model) -> quantize.Quantized:
     samples = data.iter_feeds(args.calibrate, model, limit=args.calibration_samples) if args.calibrate else iter(())
     progress = not args.quiet and sys.stderr.isatty()
     q = quantize.quantize_model(model, samples, qconfig, cconfig, cache=args.calibration_cache, progress=progress)
+    tuning = None
+    if args.sensitivity or sensitivity.has_budget(budget):
+        feeds, source = _tuning_feeds(args, model, feeds, source)
+        tuning = sensitivity.tune(model, q, qconfig, feeds, budget, sensitivity=args.sensitivity, source=source,
+                                  progress=progress)
+        q = tuning.quantized
     q.facts = quantize.report(q, cconfig, qconfig)
-    return q
+    if tuning is not None:
+        tuning.annotate(q.facts)
+    return q, tuning
+
+
+def _tuning_feeds(args, model, feeds: list[dict], source: str) -> tuple[list[dict], str]:
+    """Samples for --sensitivity and the budget fallback: the calibration samples, so that --data
+    stays held out for the final check."""
+    if args.calibrate:
+        limit = args.calibration_samples
+        return data.load_feeds(args.calibrate, model, limit=limit), f"calibration data {args.calibrate}"
+    feeds, source = (feeds, source) if feeds else _feeds(args, model)
+    return feeds, f"{source}; no --calibrate, so not held out"
 
 
 def _optimize(args) -> int:
@@ -230,16 +253,17 @@ def _optimize(args) -> int:
 
     t = time.perf_counter()
     result = optimize_model(model, names, config, verify_feeds=feeds if args.verify_each else None)
-    final, final_data, quant = result.model, result.data, None
+    final, final_data, quant, tuning = result.model, result.data, None, None
     timings["optimize"] = time.perf_counter() - t
     if args.int8:
         t = time.perf_counter()
-        quant = _quantize(args, result.model)
+        quant, tuning = _quantize(args, result.model, budget, feeds, source)
         final, final_data = quant.model, quant.data
         timings["quantize"] = time.perf_counter() - t
+    failure = tuning.failure() if tuning else None
 
     check = None
-    if not args.no_validate:
+    if not args.no_validate and not failure:
         t = time.perf_counter()
         reference = args.input if config.outputs is None else _select_outputs(model, config.outputs)
         candidate = final_data if final_data is not None else final
@@ -248,7 +272,7 @@ def _optimize(args) -> int:
         timings["validate"] = time.perf_counter() - t
 
     written = None
-    if check is None or check:
+    if (check is None or check) and not failure:
         t = time.perf_counter()
         written = str(io.save_model(final, args.output, protect=args.input, force=args.force, data=final_data))
         timings["save"] = time.perf_counter() - t
@@ -260,9 +284,11 @@ def _optimize(args) -> int:
         before=analysis.model_stats(model, first, io.file_size(args.input)),
         after=analysis.model_stats(final, first, io.file_size(written) if written else final.ByteSize()),
         records=result.records, validation=check, seconds=timings,
-        quantization=quant.facts if quant else None,
+        quantization=quant.facts if quant else None, sensitivity=tuning.facts() if tuning else None,
     )
     _emit(args, facts, report.render(facts))
+    if failure:
+        raise ValidationFailed(f"{failure}; {args.output} not written")
     if check is not None and not check:
         raise ValidationFailed(f"{check.summary()}; {args.output} not written (--no-validate writes it unchecked)")
     return EXIT_OK

@@ -27,6 +27,7 @@ def build(
     validation: ValidationReport | None,
     seconds: dict[str, float],
     quantization: dict | None = None,
+    sensitivity: dict | None = None,
 ) -> dict:
     latency = validation.latency_ms if validation else {}
     return {
@@ -44,6 +45,7 @@ def build(
         ],
         "errors": [{"pass": r.name, "step": r.step, "error": r.error} for r in records if r.error],
         "quantization": quantization,
+        "sensitivity": sensitivity,
         "validation": validation.to_json() if validation else None,
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
     }
@@ -98,6 +100,8 @@ def render(report: dict) -> str:
     lines += ["", *_render_passes(report)]
     if report.get("quantization"):
         lines += ["", *_render_quantization(report["quantization"])]
+    if report.get("sensitivity"):
+        lines += ["", *_render_sensitivity(report["sensitivity"])]
     if report["validation"]:
         lines += ["", *_render_validation(report["validation"])]
     return "\n".join(lines)
@@ -134,6 +138,33 @@ def _render_quantization(q: dict) -> list[str]:
         out.append(f"  float {s['op']} {s['node']!r}: {s['reason']}")
     if len(q["kept_in_float"]) > 10:
         out.append(f"  ... {len(q['kept_in_float']) - 10} more in the JSON report")
+    fb = q.get("fallback")
+    if fb:
+        checks = fb["checks"]
+        line = (f"budget fallback on {fb['samples']} samples ({fb['source']}), {fb['budget']}: full int8 cosine "
+                f"{_f(checks[0]['cosine'], 6)}; ")
+        if not fb["met"]:
+            line += f"not met with up to {max(c['float_layers'] for c in checks)} layers in float"
+        elif fb["kept_in_float"]:
+            last = next(c for c in reversed(checks) if c["float_layers"] == len(fb["kept_in_float"]))
+            k = len(fb["kept_in_float"])
+            line += f"met with {k} layer{'s' if k > 1 else ''} kept in float (cosine {_f(last['cosine'], 6)})"
+        else:
+            line += "met, no layer kept in float"
+        out.append(line + f"; {len(checks)} whole-model checks")
+    return out
+
+
+def _render_sensitivity(s: dict, top: int = 10) -> list[str]:
+    how = ("quantized alone: cost = 1 - cosine" if s["method"] == "one_at_a_time"
+           else "all others quantized: cost = cosine gained in float")
+    out = [f"sensitivity ({how}) on {s['samples']} samples ({s['source']}), {len(s['layers'])} layers, "
+           f"{s['seconds']:.2f} s:"]
+    rows = [[c["node"], c["op"], _g(c["cost"]), _f(c["cosine"], 6),
+             "-" if c["top1"] is None else f"{100 * c['top1']:.1f}%"] for c in s["layers"][:top]]
+    out += _table(["layer", "op", "cost", "cosine", "top-1"], rows) if rows else ["  no layer to measure"]
+    if len(s["layers"]) > top:
+        out.append(f"  ... {len(s['layers']) - top} more in the JSON report")
     return out
 
 
