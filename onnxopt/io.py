@@ -45,8 +45,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if path.stat().st_size == 0:
         raise UnsupportedModelError(f"{path}: is empty")
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError) as e:
+        # format="protobuf": onnx would otherwise pick a parser from the file extension (.json, .txt).
+        model = onnx.load(str(path), format="protobuf", load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as e:
         raise UnsupportedModelError(f"{path}: not an ONNX model or truncated ({_first_line(e)})") from e
     if not model.graph.node and not model.graph.output or not model.opset_import:
         raise UnsupportedModelError(f"{path}: not an ONNX model (no graph or no opset)")

@@ -72,6 +72,17 @@ def test_load_rejects_non_models(tmp_path, content, message):
         io.load_model(path)
 
 
+@pytest.mark.parametrize("suffix", [".json", ".txt", ".onnx"])
+def test_any_extension_is_read_as_binary_protobuf(tmp_path, suffix, conv_model):
+    junk = tmp_path / f"junk{suffix}"
+    junk.write_text('{"not": "a model"}\n')
+    with pytest.raises(UnsupportedModelError):
+        io.load_model(junk)
+    good = tmp_path / f"model{suffix}"
+    good.write_bytes(conv_model.SerializeToString())
+    assert io.load_model(good).graph.node[0].op_type == "Conv"
+
+
 def test_load_rejects_truncated_model(conv_path):
     data = conv_path.read_bytes()
     conv_path.write_bytes(data[: len(data) // 2])
