@@ -1,10 +1,11 @@
 """Calibration cache: selected ranges saved as JSON and reused, like TensorRT's cache.
 
-File format (``version`` 1)::
+File format (``version`` 2; version 1 entropy ranges were one threshold on |x|
+whatever the target, so they are recalibrated)::
 
-    {"format": "onnxopt-calibration-ranges", "version": 1,
+    {"format": "onnxopt-calibration-ranges", "version": 2,
      "fingerprint": "<hex>", "method": "entropy",
-     "settings": {"num_bins": 2048, "num_quant_bins": 128},
+     "settings": {"num_bins": 2048, "num_quant_bins": 128, "symmetric": false},
      "ranges": {"<tensor>": {"min": -1.5, "max": 2.25, "nonfinite": 0}, ...}}
 
 The fingerprint hashes what the ranges depend on in the model: opsets, graph inputs
@@ -42,7 +43,7 @@ from onnxopt.io import check_output_path
 logger = logging.getLogger(__name__)
 
 FORMAT = "onnxopt-calibration-ranges"
-VERSION = 1
+VERSION = 2
 
 
 def calibrate(
@@ -166,7 +167,8 @@ def _read(path: Path) -> dict:
 def _settings(config: CalibrationConfig) -> dict:
     """The settings the method's ranges depend on."""
     if config.method is CalibrationMethod.ENTROPY:
-        return {"num_bins": config.num_bins, "num_quant_bins": config.num_quant_bins}
+        return {"num_bins": config.num_bins, "num_quant_bins": config.num_quant_bins,
+                "symmetric": config.symmetric}
     if config.method is CalibrationMethod.PERCENTILE:
         return {"num_bins": config.num_bins, "percentile": config.percentile}
     return {}

@@ -1,9 +1,11 @@
-"""Streaming statistics of one activation tensor: running min/max and a histogram of |x|.
+"""Streaming statistics of one activation tensor: running min/max, a histogram of |x|
+and one of the negative values' |x| (the positive side is the difference), so that a
+range can be chosen per side for asymmetric quantization.
 
 Memory is O(num_bins) per tensor whatever the number of samples: each batch is
 folded into the statistics and dropped.
 
-The histogram has ``num_bins`` equal bins over ``[0, hist_max]``, where ``hist_max``
+The histograms have ``num_bins`` equal bins over ``[0, hist_max]``, where ``hist_max``
 is the largest finite |x| seen so far, so it always has full resolution over the
 observed range. When a batch goes beyond it, the counts are re-binned into the
 wider range, never restarted: the cumulative count is taken as linear inside each
@@ -20,11 +22,12 @@ falls in bin 0. They are counted in ``nonfinite`` and excluded from min, max and
 the histogram. A tensor that carries them is usually a mask that must stay in
 float; ``nonfinite`` lets the quantizer tell.
 
-Binning computes ``ceil(|x| * num_bins / hist_max)`` in the tensor's own dtype, in
-cache-sized chunks, and counts with ``np.bincount``: index 0 is then exactly the
-zeros (counted for free; values too small to tell from 0 at this scale count as
-zeros), index k >= 1 is bin k-1, taken as the interval ((k-1) w, k w]. This is
-three to four times faster than ``np.histogram`` alone. In float32 a value within
+Binning computes ``k = ceil(|x| * num_bins / hist_max)`` in the tensor's own dtype,
+in cache-sized chunks, gives k the sign of x and counts with one ``np.bincount``
+for both sides: k = 0 is then exactly the zeros (counted for free; values too small
+to tell from 0 at this scale count as zeros), |k| >= 1 is bin |k|-1, taken as the
+interval ((|k|-1) w, |k| w]. This is about two and a half times faster than ``np.histogram``
+of |x| alone. In float32 a value within
 rounding of a bin edge may land in the neighbouring bin.
 """
 
@@ -47,7 +50,8 @@ CHUNK = 1 << 16
 @dataclass(eq=False)
 class TensorStats:
     """Running statistics of one tensor. ``count`` finite values went into ``min``,
-    ``max`` and ``hist``, ``zeros`` of them 0 (they are in ``hist[0]`` too);
+    ``max`` and ``hist`` (of |x|), ``zeros`` of them 0 (they are in ``hist[0]`` too);
+    ``neg`` is the part of ``hist`` from negative values, on the same edges;
     ``nonfinite`` values (NaN, +-inf, |x| >= SENTINEL) were counted and left out."""
 
     name: str
@@ -59,12 +63,20 @@ class TensorStats:
     max: float = -math.inf
     hist_max: float = 0.0  # upper edge of the histogram of |x|
     hist: np.ndarray = field(default=None, repr=False)  # float64 counts (fractional after re-binning)
+    neg: np.ndarray = field(default=None, repr=False)  # the negative values' share of hist
 
     def __post_init__(self):
-        if self.hist is None:
-            self.hist = np.zeros(self.num_bins, np.float64)
-        if self.hist.shape != (self.num_bins,):
-            raise ValueError(f"{self.name}: histogram has shape {self.hist.shape}, expected ({self.num_bins},)")
+        for attr in ("hist", "neg"):
+            if getattr(self, attr) is None:
+                setattr(self, attr, np.zeros(self.num_bins, np.float64))
+            if getattr(self, attr).shape != (self.num_bins,):
+                raise ValueError(f"{self.name}: {attr} has shape {getattr(self, attr).shape}, "
+                                 f"expected ({self.num_bins},)")
+
+    @property
+    def pos(self) -> np.ndarray:
+        """Histogram of the non-negative values (the zeros in bin 0)."""
+        return np.maximum(self.hist - self.neg, 0.0)  # re-binning rounds each a little differently
 
     @property
     def edges(self) -> np.ndarray:
@@ -93,6 +105,7 @@ class TensorStats:
         amax = max(-lo, hi, 0.0)
         if amax > self.hist_max:
             self.hist = rebin(self.hist, self.hist_max, amax)
+            self.neg = rebin(self.neg, self.hist_max, amax)
             self.hist_max = amax
         self.zeros += self._add(x)
         self.count += x.size
@@ -104,8 +117,10 @@ class TensorStats:
             raise ValueError(f"{self.name}: cannot merge histograms of {self.num_bins} and {other.num_bins} bins")
         top = max(self.hist_max, other.hist_max)
         hist = rebin(self.hist, self.hist_max, top) + rebin(other.hist, other.hist_max, top)
+        neg = rebin(self.neg, self.hist_max, top) + rebin(other.neg, other.hist_max, top)
         return TensorStats(self.name, self.num_bins, self.count + other.count, self.nonfinite + other.nonfinite,
-                           self.zeros + other.zeros, min(self.min, other.min), max(self.max, other.max), top, hist)
+                           self.zeros + other.zeros, min(self.min, other.min), max(self.max, other.max), top,
+                           hist, neg)
 
     def _drop_nonfinite(self, x: np.ndarray, limit: float) -> np.ndarray:
         keep = np.isfinite(x)
@@ -115,7 +130,7 @@ class TensorStats:
         return kept
 
     def _add(self, x: np.ndarray) -> int:
-        """Bin |x| into ``hist``; return how many values are 0."""
+        """Bin |x| into ``hist`` (and ``neg``); return how many values are 0."""
         if self.hist_max == 0.0:  # every value so far is 0
             self.hist[0] += x.size
             return x.size
@@ -123,21 +138,29 @@ class TensorStats:
         if n / self.hist_max > float(np.finfo(x.dtype).max):  # tiny values: scale in float64
             x = x.astype(np.float64)
         scale = x.dtype.type(n / self.hist_max)
-        counts = np.zeros(n + 2, np.int64)
+        counts = np.zeros(2 * n + 3, np.int64)
         buf, idx = np.empty(min(x.size, CHUNK), x.dtype), np.empty(min(x.size, CHUNK), np.int32)
         for start in range(0, x.size, CHUNK):
             part, ipart = buf[: min(CHUNK, x.size - start)], idx[: min(CHUNK, x.size - start)]
             np.abs(x[start : start + CHUNK], out=part)
             part *= scale
             np.ceil(part, out=part)
+            np.copysign(part, x[start : start + CHUNK], out=part)  # -k for a negative value
+            part += n + 1
             np.copyto(ipart, part, casting="unsafe")
-            counts += np.bincount(ipart, minlength=n + 2)
-        # Index 0 holds the zeros, index k the values in ((k-1) w, k w]: bin k-1. Index
-        # n+1 is |x| = hist_max scaled a rounding above n.
-        counts[n] += counts[n + 1]
-        self.hist += counts[1 : n + 1]
-        self.hist[0] += counts[0]
-        return int(counts[0])
+            counts += np.bincount(ipart, minlength=2 * n + 3)
+        # Index n+1+k holds the values with ceil(|x| / w) = k, n+1-k the negative ones:
+        # k = 0 the zeros (and values too small to tell from 0 at this scale), k >= 1
+        # bin k-1, taken as the interval ((k-1) w, k w]. k = n+1 is |x| = hist_max
+        # scaled a rounding above n.
+        zeros = int(counts[n + 1])
+        pos, neg = counts[n + 2 :], counts[n::-1]
+        pos[n - 1] += pos[n]
+        neg[n - 1] += neg[n]
+        self.neg += neg[:n]
+        self.hist += pos[:n] + neg[:n]
+        self.hist[0] += zeros
+        return zeros
 
 
 def rebin(hist: np.ndarray, old_max: float, new_max: float) -> np.ndarray:

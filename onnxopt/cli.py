@@ -211,7 +211,7 @@ def _quantize(args, model, budget: validate.Budget, feeds: list[dict],
     activation = ActivationType(args.activation_type) if args.activation_type else default_type
     qconfig = QuantConfig(activation_type=activation, target=target, exclude=tuple(_csv(args.exclude) or ()))
     cconfig = CalibrationConfig(method=CalibrationMethod(args.calibration_method), percentile=args.percentile,
-                                max_samples=args.calibration_samples)
+                                max_samples=args.calibration_samples, symmetric=target is QuantTarget.TENSORRT)
     samples = data.iter_feeds(args.calibrate, model, limit=args.calibration_samples) if args.calibrate else iter(())
     progress = not args.quiet and sys.stderr.isatty()
     q = quantize.quantize_model(model, samples, qconfig, cconfig, cache=args.calibration_cache, progress=progress)

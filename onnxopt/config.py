@@ -48,6 +48,9 @@ class CalibrationConfig:
     percentile: float = 99.99
     batch_size: int = 16  # samples per onnxruntime run
     max_samples: int | None = None
+    # Entropy on |x| with one threshold (TensorRT's symmetric int8); otherwise each side of
+    # an asymmetric activation gets its own threshold.
+    symmetric: bool = False
 
     def __post_init__(self):
         if not isinstance(self.method, CalibrationMethod):

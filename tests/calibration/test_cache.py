@@ -30,7 +30,7 @@ def test_round_trip_is_exact(tmp_path):
     save_ranges(path, RANGES, "abc")
     assert load_ranges(path, "abc") == RANGES
     doc = json.loads(path.read_text())
-    assert (doc["version"], doc["method"], doc["fingerprint"]) == (1, "entropy", "abc")
+    assert (doc["version"], doc["method"], doc["fingerprint"]) == (2, "entropy", "abc")
 
 
 def test_missing_cache_is_none(tmp_path):
@@ -41,9 +41,10 @@ def test_missing_cache_is_none(tmp_path):
     "change",
     [
         lambda doc: doc.update(fingerprint="other"),
-        lambda doc: doc.update(version=0),
+        lambda doc: doc.update(version=1),  # one threshold on |x|: recalibrate
         lambda doc: doc.update(method="minmax"),
         lambda doc: doc["settings"].update(num_bins=1024),
+        lambda doc: doc["settings"].update(symmetric=True),
     ],
 )
 def test_stale_cache_is_ignored_with_a_warning(tmp_path, caplog, change):

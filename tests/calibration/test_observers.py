@@ -119,3 +119,28 @@ def test_empty_and_fresh():
     s = TensorStats("t")
     s.update(np.zeros((0, 3), np.float32))
     assert (s.count, s.nonfinite, s.amax, s.hist.sum()) == (0, 0, 0.0, 0)
+
+
+def test_negative_side_has_its_own_histogram():
+    x = np.r_[rng.standard_normal(30_000), rng.standard_normal(30_000) * 3, np.zeros(100), -np.zeros(50)]
+    s = TensorStats("t")
+    s.update(x)
+    neg, pos = numpy_hist(x[x < 0], s.hist_max), numpy_hist(x[x > 0], s.hist_max)
+    assert s.neg.sum() == np.count_nonzero(x < 0) and np.abs(s.neg - neg).sum() <= 2
+    pos[0] += s.zeros
+    assert s.pos.sum() == np.count_nonzero(x >= 0) == x.size - s.neg.sum() and np.abs(s.pos - pos).sum() <= 2
+    assert s.zeros == 150
+
+
+def test_negative_side_rebins_and_merges():
+    a, b = np.maximum(rng.standard_normal(30_000), 0), -np.abs(rng.standard_normal(10_000)) * 4
+    left, right, both = TensorStats("t"), TensorStats("t"), TensorStats("t")
+    left.update(a)
+    right.update(b)
+    both.update(a)
+    both.update(b)  # grows the range: re-bins hist and neg
+    merged = left.merge(right)
+    for s in (merged, both):
+        assert s.neg.sum() == pytest.approx(b.size) and s.pos.sum() == pytest.approx(a.size)
+        assert np.abs(s.neg - numpy_hist(b, s.hist_max)).sum() < 0.01 * b.size
+        assert np.all(s.pos[np.flatnonzero(s.edges[:-1] > a.max() + s.hist_max / 2048)] == 0)
