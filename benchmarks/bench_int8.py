@@ -39,7 +39,7 @@ import onnx
 import onnxruntime as ort
 
 # shared with the lossless benchmark (same folder, so importable when this file is run as a script)
-from bench_lossless import MB, _console_script, _grid, _last_line, _progress, count_ops, model_bytes
+from bench_lossless import MB, Run, _console_script, _grid, _last_line, _progress, count_ops, model_bytes
 from bench_lossless import time_sessions as _time_sessions
 from onnx import version_converter
 
@@ -136,13 +136,6 @@ quantize_static(src, dst, Batches(data), quant_format=QuantFormat.QDQ, per_chann
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod[method])
 """
-
-
-@dataclass
-class Run:
-    seconds: float | None = None
-    peak_mb: float | None = None
-    error: str | None = None
 
 
 @dataclass
