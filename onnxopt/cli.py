@@ -231,6 +231,8 @@ def _tuning_feeds(args, model, feeds: list[dict], source: str) -> tuple[list[dic
     """Samples for --sensitivity and the budget fallback: the calibration samples, so that --data
     stays held out for the final check."""
     if args.calibrate:
+        if not args.data and args.samples is None and feeds:  # validation already read these samples
+            return feeds, source
         limit = args.calibration_samples
         return data.load_feeds(args.calibrate, model, limit=limit), f"calibration data {args.calibrate}"
     feeds, source = (feeds, source) if feeds else _feeds(args, model)
