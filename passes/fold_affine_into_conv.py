@@ -31,7 +31,6 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.config import OptimizeConfig
 from onnxopt.graph_utils import (
     Names,
     const_value,
@@ -41,10 +40,11 @@ from onnxopt.graph_utils import (
     only_consumer,
     producer,
 )
-from onnxopt.pass_base import GraphPass, PassResult, Skip
+from onnxopt.pass_base import PassResult, Skip
 from onnxopt.passes.fold_bn_into_conv import (
     FOLD_TARGETS,
     LinearLayer,
+    SizeLimitedFoldPass,
     apply_fold,
     linear_layer,
     per_channel,
@@ -86,7 +86,7 @@ def affine_of(op: str, y_index: int, c: np.ndarray) -> Affine | str | None:
     return 1.0 / c.astype(np.float64), None
 
 
-class FoldAffineIntoConvPass(GraphPass):
+class FoldAffineIntoConvPass(SizeLimitedFoldPass):
     """Per-channel constant Mul/Add/Sub/Div folded into the Conv/ConvTranspose/Gemm/MatMul before it.
 
     Either operand order; grouped/depthwise Conv, ConvTranspose with any group, Gemm
@@ -98,13 +98,6 @@ class FoldAffineIntoConvPass(GraphPass):
     """
 
     name = "fold_affine_into_conv"
-
-    def __init__(self, fold_size_limit: int = OptimizeConfig.fold_size_limit):
-        self.fold_size_limit = fold_size_limit
-
-    @classmethod
-    def from_config(cls, config: OptimizeConfig) -> FoldAffineIntoConvPass:
-        return cls(fold_size_limit=config.fold_size_limit)
 
     def call(self, graph: gs.Graph) -> PassResult:
         names = Names(graph)

@@ -208,7 +208,19 @@ def apply_fold(names: Names, layer: LinearLayer, fold: Fold, consumer: gs.Node) 
     node.outputs[0] = out
 
 
-class FoldBnIntoConvPass(GraphPass):
+class SizeLimitedFoldPass(GraphPass):
+    """A fold that writes new weights: a shared weight whose folded copy would exceed
+    ``fold_size_limit`` bytes is refused, since the other reader keeps the original."""
+
+    def __init__(self, fold_size_limit: int = OptimizeConfig.fold_size_limit):
+        self.fold_size_limit = fold_size_limit
+
+    @classmethod
+    def from_config(cls, config: OptimizeConfig) -> SizeLimitedFoldPass:
+        return cls(fold_size_limit=config.fold_size_limit)
+
+
+class FoldBnIntoConvPass(SizeLimitedFoldPass):
     """BatchNormalization (inference) folded into the Conv/ConvTranspose/Gemm/MatMul before it.
 
     Handles grouped and depthwise Conv, ConvTranspose with any group, Gemm with
@@ -219,13 +231,6 @@ class FoldBnIntoConvPass(GraphPass):
     """
 
     name = "fold_bn_into_conv"
-
-    def __init__(self, fold_size_limit: int = OptimizeConfig.fold_size_limit):
-        self.fold_size_limit = fold_size_limit
-
-    @classmethod
-    def from_config(cls, config: OptimizeConfig) -> FoldBnIntoConvPass:
-        return cls(fold_size_limit=config.fold_size_limit)
 
     def call(self, graph: gs.Graph) -> PassResult:
         names = Names(graph)
