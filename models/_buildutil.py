@@ -49,9 +49,9 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_write(path: Path, write, suffix: str = ".tmp") -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)
@@ -95,15 +95,7 @@ def export_onnx(model, args, path: Path, **kwargs) -> None:
         torch.onnx.export(model, args, tmp, dynamo=False, **kwargs)
 
     # The exporter picks the file type from the suffix; keep ".onnx" on the temp file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp.onnx")
-    os.close(fd)
-    try:
-        write(tmp)
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic_write(path, write, suffix=".tmp.onnx")
 
 
 def op_counts(model) -> dict[str, int]:
