@@ -14,11 +14,24 @@ import time
 import traceback
 from pathlib import Path
 
-from onnxopt import __version__, analysis, data, io, presets, quantize, report, runtime, sensitivity, validate
+from onnxopt import (
+    __version__,
+    analysis,
+    data,
+    factorize,
+    io,
+    presets,
+    quantize,
+    report,
+    runtime,
+    sensitivity,
+    validate,
+)
 from onnxopt.config import (
     ActivationType,
     CalibrationConfig,
     CalibrationMethod,
+    FactorizeConfig,
     OptimizeConfig,
     QuantConfig,
     QuantTarget,
@@ -62,8 +75,9 @@ def optimize_parser() -> argparse.ArgumentParser:
                 "Other commands: onnxopt validate A.onnx B.onnx")
     p.add_argument("input", metavar="IN.onnx")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
-    p.add_argument("-O", dest="level", choices=["0", "1"], default="1",
-                   help="-O0: load and save only; -O1 (default): lossless passes to a fixed point")
+    p.add_argument("-O", dest="level", choices=["0", "1", "2"], default="1",
+                   help="-O0: load and save only; -O1 (default): lossless passes to a fixed point; "
+                   "-O2: -O1 then low-rank factorization (--factorize)")
     p.add_argument("--passes", metavar="A,B", help="run exactly these passes instead of the preset")
     p.add_argument("--skip", metavar="A,B", default="", help="leave these passes out")
     p.add_argument("--target", choices=[t.value for t in Target], default=Target.STANDARD.value,
@@ -78,15 +92,32 @@ def optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="allow writing over the input file")
     p.add_argument("--version", action="version", version=f"onnxopt {__version__}")
     _int8_options(p)
+    _factorize_options(p)
     _common(p)
     return p
+
+
+def _factorize_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("low-rank factorization (lossy; with --calibrate the ranks come from the data)")
+    g.add_argument("--factorize", action="store_true", help="replace MatMul/Gemm/Conv layers by two thinner ones "
+                   "where that saves MACs; with --min-cosine/--min-top1 and --calibrate, ranks are allocated by "
+                   "measured sensitivity to meet the budget")
+    g.add_argument("--max-error", type=float, default=FactorizeConfig.max_error, metavar="E",
+                   help="per-layer relative output error on the calibration samples (weight error without "
+                   "them) (default %(default)s)")
+    g.add_argument("--rank-energy", type=float, metavar="F", help="instead: keep this fraction of each layer's "
+                   "squared singular values")
+    g.add_argument("--rank-ratio", type=float, metavar="F", help="instead: keep this fraction of each layer's MACs")
+    g.add_argument("--min-saving", type=float, default=FactorizeConfig.min_saving, metavar="F",
+                   help="factorize a layer only if it saves at least this fraction of its MACs (default %(default)s)")
+    g.add_argument("--no-conv-factorize", action="store_true", help="factorize MatMul/Gemm layers only")
 
 
 def _int8_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("int8 quantization")
     g.add_argument("--int8", action="store_true", help="quantize to int8 QDQ after the lossless passes")
-    g.add_argument("--calibrate", metavar="X.npz", help="calibration samples: .npz keyed by input name, first axis "
-                   "= samples, or a folder of them (shapes may differ between files)")
+    g.add_argument("--calibrate", metavar="X.npz", help="calibration samples (int8 and factorization): .npz keyed "
+                   "by input name, first axis = samples, or a folder of them (shapes may differ between files)")
     g.add_argument("--calibration-samples", type=int, metavar="N", help="use at most N calibration samples")
     g.add_argument("--calibration-method", choices=[m.value for m in CalibrationMethod],
                    default=CalibrationMethod.ENTROPY.value, help="range selection (default: entropy, TensorRT's KL)")
@@ -170,7 +201,7 @@ def _feeds(args, model) -> tuple[list[dict], str]:
         raise UserError("--samples must be at least 1")
     if args.data:
         return data.load_feeds(args.data, model, limit=args.samples), f"data: {args.data}"
-    if getattr(args, "int8", False) and args.calibrate:
+    if (getattr(args, "int8", False) or _factorizing(args)) and args.calibrate:
         feeds = data.load_feeds(args.calibrate, model, limit=args.samples or args.calibration_samples)
         return feeds, f"calibration data {args.calibrate}, not held out: give --data for that"
     return [runtime.random_feeds(model, shapes=shapes, seed=0)], "generated inputs"
@@ -181,14 +212,15 @@ def _budget(args) -> validate.Budget:
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 1:
             raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
-    lossy = getattr(args, "int8", False) or args.min_cosine is not None or args.min_top1 is not None
+    lossy = getattr(args, "int8", False) or _factorizing(args) or args.min_cosine is not None \
+        or args.min_top1 is not None
     rtol = getattr(args, "rtol", validate.LOSSLESS_RTOL)
     return validate.Budget(rtol=rtol, lossy=lossy, min_cosine=args.min_cosine, min_top1=args.min_top1)
 
 
 def _configs(args) -> tuple[str, list[str], OptimizeConfig]:
     preset = f"O{args.level}"
-    names = presets.pass_names(preset, _csv(args.passes), _csv(args.skip) or ())
+    names = presets.pass_names("O1" if preset == "O2" else preset, _csv(args.passes), _csv(args.skip) or ())
     target = Target(args.target)
     if args.int8:
         # A com.microsoft FusedConv cannot be quantized: the float part stays standard ONNX.
@@ -197,10 +229,27 @@ def _configs(args) -> tuple[str, list[str], OptimizeConfig]:
         if not args.calibrate and not (args.calibration_cache and Path(args.calibration_cache).exists()):
             raise UserError("--int8 needs calibration samples: --calibrate samples.npz (or an existing "
                             "--calibration-cache)")
-    elif args.calibrate or args.calibration_cache or args.sensitivity:
-        raise UserError("--calibrate, --calibration-cache and --sensitivity go with --int8")
+    elif args.calibration_cache or args.sensitivity:
+        raise UserError("--calibration-cache and --sensitivity go with --int8")
+    elif args.calibrate and not _factorizing(args):
+        raise UserError("--calibrate goes with --int8, --factorize or -O2")
     outputs = tuple(_csv(args.outputs)) if args.outputs else None
     return preset, names, OptimizeConfig(target=target, outputs=outputs, opset=args.opset)
+
+
+def _factorizing(args) -> bool:
+    return bool(getattr(args, "factorize", False) or getattr(args, "level", None) == "2")
+
+
+def _factorize(args, model, budget: validate.Budget) -> factorize.Factorized:
+    """Factorize with ranks from the calibration samples (the budget's allocation when one is given)."""
+    config = FactorizeConfig(max_error=args.max_error, rank_energy=args.rank_energy, rank_ratio=args.rank_ratio,
+                             min_saving=args.min_saving, convs=not args.no_conv_factorize)
+    samples = data.load_feeds(args.calibrate, model, limit=args.calibration_samples) if args.calibrate else None
+    if sensitivity.has_budget(budget) and not samples:
+        raise UserError("--factorize with --min-cosine/--min-top1 needs --calibrate samples to allocate ranks")
+    progress = not args.quiet and sys.stderr.isatty()
+    return factorize.factorize_model(model, samples, config, budget if samples else None, progress=progress)
 
 
 def _quantize(args, model, budget: validate.Budget, feeds: list[dict],
@@ -239,6 +288,22 @@ def _tuning_feeds(args, model, feeds: list[dict], source: str) -> tuple[list[dic
     return feeds, f"{source}; no --calibrate, so not held out"
 
 
+def _lossy_steps(args, result, budget: validate.Budget, feeds: list[dict], source: str, timings: dict):
+    """Factorization then int8, each on the previous step's model."""
+    final, final_data, factored, quant, tuning = result.model, result.data, None, None, None
+    if _factorizing(args):
+        t = time.perf_counter()
+        factored = _factorize(args, final, budget)
+        final, final_data = factored.model, factored.data
+        timings["factorize"] = time.perf_counter() - t
+    if args.int8:
+        t = time.perf_counter()
+        quant, tuning = _quantize(args, final, budget, feeds, source)
+        final, final_data = quant.model, quant.data
+        timings["quantize"] = time.perf_counter() - t
+    return final, final_data, factored, quant, tuning
+
+
 def _optimize(args) -> int:
     _setup_logging(args)
     timings: dict[str, float] = {}
@@ -255,13 +320,8 @@ def _optimize(args) -> int:
 
     t = time.perf_counter()
     result = optimize_model(model, names, config, verify_feeds=feeds if args.verify_each else None)
-    final, final_data, quant, tuning = result.model, result.data, None, None
     timings["optimize"] = time.perf_counter() - t
-    if args.int8:
-        t = time.perf_counter()
-        quant, tuning = _quantize(args, result.model, budget, feeds, source)
-        final, final_data = quant.model, quant.data
-        timings["quantize"] = time.perf_counter() - t
+    final, final_data, factored, quant, tuning = _lossy_steps(args, result, budget, feeds, source, timings)
     failure = tuning.failure() if tuning else None
 
     check = None
@@ -287,6 +347,7 @@ def _optimize(args) -> int:
         after=analysis.model_stats(final, first, io.file_size(written) if written else final.ByteSize()),
         records=result.records, validation=check, seconds=timings,
         quantization=quant.facts if quant else None, sensitivity=tuning.facts() if tuning else None,
+        factorization=factored.facts() if factored else None,
     )
     _emit(args, facts, report.render(facts))
     if failure:

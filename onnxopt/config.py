@@ -84,3 +84,32 @@ class QuantConfig:
     target: QuantTarget = QuantTarget.ONNXRUNTIME
     per_channel: bool = True
     exclude: tuple[str, ...] = ()  # node names or op types kept in float
+
+
+# ---- low-rank factorization ----
+
+
+@dataclass(frozen=True)
+class FactorizeConfig:
+    """How ``--factorize`` picks ranks. With a lossy budget and calibration data, ranks are
+    allocated across layers by measured sensitivity (the rules below are then not used).
+    Otherwise one rule applies to every layer: ``rank_energy``, ``rank_ratio``, else
+    ``max_error`` (relative output error on the calibration data; weight error without)."""
+
+    max_error: float = 0.05
+    rank_energy: float | None = None
+    rank_ratio: float | None = None
+    min_saving: float = 0.2  # factorize only layers keeping at most 1 - min_saving of their MACs
+    convs: bool = True  # factorize convolutions too (KxK spatially, 1x1 by SVD)
+    flattened: bool = False  # KxK as 1x1 + Kx1 + 1xK depthwise where that applies
+    # The budget checked on the calibration data is this much stricter than the user's
+    # (cosine >= 1 - margin (1 - C)), so that it holds on held-out data too.
+    margin: float = 0.8
+
+    def __post_init__(self):
+        for name in ("max_error", "rank_energy", "rank_ratio", "min_saving", "margin"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 1:
+                raise UserError(f"{name.replace('_', '-')} must be between 0 and 1, got {v}")
+        if self.rank_energy is not None and self.rank_ratio is not None:
+            raise UserError("give one of --rank-energy and --rank-ratio")

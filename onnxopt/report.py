@@ -28,6 +28,7 @@ def build(
     seconds: dict[str, float],
     quantization: dict | None = None,
     sensitivity: dict | None = None,
+    factorization: dict | None = None,
 ) -> dict:
     latency = validation.latency_ms if validation else {}
     return {
@@ -44,6 +45,7 @@ def build(
             {"pass": r.name, "node": s.node, "op": s.op, "reason": s.reason} for r in records for s in r.skipped
         ],
         "errors": [{"pass": r.name, "step": r.step, "error": r.error} for r in records if r.error],
+        "factorization": factorization,
         "quantization": quantization,
         "sensitivity": sensitivity,
         "validation": validation.to_json() if validation else None,
@@ -98,6 +100,8 @@ def render(report: dict) -> str:
     if changed:
         lines += ["", "nodes by op (changed only):"] + _table(["op", "before", "after"], changed)
     lines += ["", *_render_passes(report)]
+    if report.get("factorization"):
+        lines += ["", *_render_factorization(report["factorization"])]
     if report.get("quantization"):
         lines += ["", *_render_quantization(report["quantization"])]
     if report.get("sensitivity"):
@@ -128,6 +132,29 @@ def _render_passes(report: dict) -> list[str]:
         out.append(f"  ... {len(report['skipped']) - 20} more skipped nodes in the JSON report")
     for e in report["errors"]:
         out.append(f"  pass {e['pass']} failed and was undone (a bug, please report): {e['error']}")
+    return out
+
+
+def _render_factorization(f: dict, top: int = 20) -> list[str]:
+    out = [f"low-rank factorization ({f['rule']}): {f['layers_factorized']} of {f['layers_considered']} layers, "
+           f"params {_n(f['params_before'])} -> {_n(f['params_after'])}"]
+    rows = [[x["node"][-40:], x["form"], "x".join(map(str, x["shape"])), f"{x['rank']}/{x['full_rank']}",
+             f"{_n(x['macs_before'])} -> {_n(x['macs_after'])}", _f(x["error"], 4)]
+            for x in f["layers"] if x["applied"]][:top]
+    if rows:
+        out += _table(["layer", "form", "weight", "rank", "MACs/row", "out err" if rows else ""], rows)
+    left = [x for x in f["layers"] if not x["applied"]]
+    for x in left[:5]:
+        out.append(f"  left whole {x['op']} {x['node']!r}: {x['reason']}")
+    if len(left) > 5 or f["layers_factorized"] > top:
+        out.append("  ... the rest in the JSON report")
+    alloc = f.get("allocation")
+    if alloc and alloc["checks"]:
+        passed = [c for c in alloc["checks"] if c["passed"]]
+        best = max(passed, key=lambda c: c["macs_saved"], default=None)
+        out.append(f"  budget search ({alloc['budget_checked']}, on held-out calibration samples): "
+                   f"{len(alloc['checks'])} whole-model checks" +
+                   (f", best cosine {_f(best['cosine'], 6)} with {best['layers']} layers" if best else ", none met"))
     return out
 
 

@@ -75,7 +75,7 @@ def test_missed_budget_exits_1_and_writes_nothing(tmp_path, capsys):
     "argv, message",
     [
         (["--int8"], "--int8 needs calibration samples"),
-        (["--calibrate", str(CALIB)], "go with --int8"),
+        (["--calibrate", str(CALIB)], "goes with --int8"),
         (["--int8", "--calibrate", str(TEST), "--min-cosine", "1.5"], "--min-cosine must be between 0 and 1"),
         (["--int8", "--calibrate", "{tmp}/wrong.npz"], "which the model does not take"),
         (["--int8", "--calibrate", str(CALIB), "--calibration-method", "magic"], "invalid choice"),
