@@ -55,7 +55,8 @@ def session(model) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(io.serialize(model) or model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    data = io.serialize(model) or model.SerializeToString()
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
 def outputs(sess, feeds) -> list[dict[str, np.ndarray]]:

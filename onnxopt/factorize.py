@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from tqdm import tqdm
 
 from onnxopt import io, runtime, validate
@@ -179,8 +180,10 @@ def _describe(config: FactorizeConfig, weighted: bool) -> str:
 
 
 def _apply(model: onnx.ModelProto, layers: list[Layer], policy: RankPolicy,
-           ranks: dict[str, int] | None, *, check: bool = True) -> Factorized:
-    graph = io.to_graph(model)
+           ranks: dict[str, int] | None, *, graph=None, check: bool = True) -> Factorized:
+    """The model with ``ranks`` (or the policy's) applied; ``graph``: an imported copy to reuse
+    (gs copies share weights, so a variant costs no weight copy before the export)."""
+    graph = io.to_graph(model) if graph is None else graph.copy()
     p = FactorizeMatMulPass(policy, ranks=ranks, spectra={x.label: x.spec for x in layers})
     if ranks is None or ranks:
         p(graph)
@@ -241,6 +244,7 @@ class BudgetSearch:
         self.model, self.feeds, self.config, self.progress = model, list(feeds), config, progress
         self.layers = [x for x in layers if len(x.saving_ranks(config.min_saving))]
         self.budget = _stricter(budget, config.margin)
+        self.graph = io.to_graph(model)
         sess = runtime.session(io.serialize(model) or model)
         self.reference = [runtime.run(sess, f) for f in self.feeds]
         self.floating = [k for k, v in self.reference[0].items() if np.issubdtype(v.dtype, np.floating)]
@@ -248,9 +252,11 @@ class BudgetSearch:
 
     def score(self, ranks: dict[str, int]) -> tuple[float, bool, float | None]:
         """(worst output cosine, budget met, worst top-1) of the model factorized at ``ranks``."""
-        f = _apply(self.model, self.layers, RankPolicy(max_error=0.0, min_saving=0.0), ranks, check=False)
-        try:
-            sess = runtime.session(f.data if f.data is not None else f.model)
+        f = _apply(self.model, self.layers, RankPolicy(max_error=0.0, min_saving=0.0), ranks, graph=self.graph,
+                   check=False)
+        try:  # basic optimizations: a variant is scored once, ORT's layout rewrites would not pay back
+            sess = runtime.session(f.data if f.data is not None else f.model,
+                                   optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         except UnsupportedModelError as e:
             raise InternalError(f"{e} (a factorized variant)") from e
         report = validate.compare_runs(self.reference, sess, self.feeds, budget=self.budget)
