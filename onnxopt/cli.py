@@ -111,6 +111,8 @@ def _factorize_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-saving", type=float, default=FactorizeConfig.min_saving, metavar="F",
                    help="factorize a layer only if it saves at least this fraction of its MACs (default %(default)s)")
     g.add_argument("--no-conv-factorize", action="store_true", help="factorize MatMul/Gemm layers only")
+    g.add_argument("--flattened", action="store_true", help="KxK convolutions may also take the flattened form "
+                   "(1x1, Kx1 and 1xK depthwise, 1x1) where it beats the spatial one (not with a budget)")
 
 
 def _int8_options(p: argparse.ArgumentParser) -> None:
@@ -244,7 +246,8 @@ def _factorizing(args) -> bool:
 def _factorize(args, model, budget: validate.Budget) -> factorize.Factorized:
     """Factorize with ranks from the calibration samples (the budget's allocation when one is given)."""
     config = FactorizeConfig(max_error=args.max_error, rank_energy=args.rank_energy, rank_ratio=args.rank_ratio,
-                             min_saving=args.min_saving, convs=not args.no_conv_factorize)
+                             min_saving=args.min_saving, convs=not args.no_conv_factorize,
+                             flattened=args.flattened)
     samples = data.load_feeds(args.calibrate, model, limit=args.calibration_samples) if args.calibrate else None
     if sensitivity.has_budget(budget) and not samples:
         raise UserError("--factorize with --min-cosine/--min-top1 needs --calibrate samples to allocate ranks")

@@ -40,7 +40,8 @@ from onnxopt.calibration.moments import second_moments
 from onnxopt.config import CalibrationConfig, FactorizeConfig
 from onnxopt.errors import InternalError, UnsupportedModelError
 from onnxopt.lowrank import LayerFactorization, RankPolicy, Spectrum, spectrum
-from onnxopt.passes.factorize_matmul import FactorizeMatMulPass, MatMulSite, find_sites
+from onnxopt.passes import factorize_conv as fconv
+from onnxopt.passes import factorize_matmul as fmm
 from onnxopt.validate import Budget
 
 logger = logging.getLogger(__name__)
@@ -49,11 +50,34 @@ Feeds = dict[str, np.ndarray]
 PROBE_ERROR = 0.1  # a layer's sensitivity is measured with it factorized to this output error
 
 
+Site = fmm.MatMulSite | fconv.ConvSite
+
+
+def find_sites(graph, convs: bool = True) -> list[Site]:
+    """Every layer the factorization passes could rewrite."""
+    return fmm.find_sites(graph)[0] + (fconv.find_sites(graph)[0] if convs else [])
+
+
+def _input(site: Site) -> str:
+    return site.node.inputs[0].name
+
+
+def _axis(site: Site) -> int:
+    """The feature axis of the layer's input: channels (1) for a Conv, the last for a MatMul."""
+    return 1 if isinstance(site, fconv.ConvSite) else -1
+
+
+def _spectrum(site: Site, moment) -> Spectrum:
+    if isinstance(site, fconv.ConvSite):  # only the 1x1 form is an SVD over input channels
+        return spectrum(site.matrix(), moment.matrix if moment is not None and site.form == "svd" else None)
+    return spectrum(site.weight, moment.matrix if moment is not None else None)
+
+
 @dataclass
 class Layer:
     """A factorizable layer with what is known about it."""
 
-    site: MatMulSite
+    site: Site
     spec: Spectrum
     rows: float  # input rows per sample (tokens, pixels): MACs weight
     errors: np.ndarray  # relative output error by rank (0..R), on held-out samples when there are some
@@ -98,7 +122,7 @@ def factorize_model(model: onnx.ModelProto, feeds: Sequence[Feeds] | None, confi
                     budget: Budget | None = None, *, progress: bool = False) -> Factorized:
     """``model`` with its MatMul/Gemm layers factorized (see the module docstring)."""
     t0 = time.perf_counter()
-    sites, _ = find_sites(io.to_graph(model))
+    sites = find_sites(io.to_graph(model), config.convs)
     feeds = list(feeds or [])
     search = budget is not None and feeds and _lossy(budget)
     fit, check = split_samples(feeds) if search else (feeds, [])
@@ -122,7 +146,7 @@ def factorize_model(model: onnx.ModelProto, feeds: Sequence[Feeds] | None, confi
         result.layers += [_kept(x, "kept whole: the budget leaves no cheaper rank") for x in layers
                           if x.label not in decided]
     else:
-        result = _apply(model, _layers(sites, moments), policy, None)
+        result = _apply(model, _layers(sites, moments), policy, None, flattened=config.flattened)
         result.rule = _describe(config, weighted=bool(moments))
     result.seconds = {**seconds, "total": time.perf_counter() - t0}
     return result
@@ -142,17 +166,19 @@ def split_samples(feeds: Sequence[Feeds]) -> tuple[list[Feeds], list[Feeds]]:
     return (a, b) if a and b else (list(feeds), list(feeds))
 
 
-def _moments(model: onnx.ModelProto, sites: list[MatMulSite], feeds: Sequence[Feeds], progress: bool) -> dict:
+def _moments(model: onnx.ModelProto, sites: list[Site], feeds: Sequence[Feeds], progress: bool) -> dict:
+    """Input second moments of every layer: the weighting of MatMul and 1x1 Conv spectra, and
+    every layer's rows (tokens, input pixels) per sample, which weigh its MACs in allocation."""
     if not feeds or not sites:
         return {}
-    return second_moments(model, feeds, {s.input.name: -1 for s in sites}, CalibrationConfig(), progress=progress)
+    return second_moments(model, feeds, {_input(s): _axis(s) for s in sites}, CalibrationConfig(), progress=progress)
 
 
-def _layers(sites: list[MatMulSite], moments: dict, held: dict | None = None) -> list[Layer]:
+def _layers(sites: list[Site], moments: dict, held: dict | None = None) -> list[Layer]:
     out = []
     for s in sites:
-        m, h = moments.get(s.input.name), (held or {}).get(s.input.name)
-        spec = spectrum(s.weight, m.matrix if m else None)
+        m, h = moments.get(_input(s)), (held or {}).get(_input(s))
+        spec = _spectrum(s, m)
         errors = spec.errors_on(h.matrix) if h is not None and spec.weighted else spec.errors()
         out.append(Layer(s, spec, m.rows_per_sample if m else 1.0, errors))
     return out
@@ -180,31 +206,39 @@ def _describe(config: FactorizeConfig, weighted: bool) -> str:
 
 
 def _apply(model: onnx.ModelProto, layers: list[Layer], policy: RankPolicy,
-           ranks: dict[str, int] | None, *, graph=None, check: bool = True) -> Factorized:
+           ranks: dict[str, int] | None, *, graph=None, check: bool = True, flattened: bool = False) -> Factorized:
     """The model with ``ranks`` (or the policy's) applied; ``graph``: an imported copy to reuse
     (gs copies share weights, so a variant costs no weight copy before the export)."""
     graph = io.to_graph(model) if graph is None else graph.copy()
-    p = FactorizeMatMulPass(policy, ranks=ranks, spectra={x.label: x.spec for x in layers})
-    if ranks is None or ranks:
-        p(graph)
+    decisions = []
+    for kind, cls in ((fmm.MatMulSite, fmm.FactorizeMatMulPass), (fconv.ConvSite, fconv.FactorizeConvPass)):
+        mine = [x for x in layers if isinstance(x.site, kind)]
+        part = None if ranks is None else {x.label: ranks[x.label] for x in mine if x.label in ranks}
+        if mine and (part is None or part):  # an empty rank map would mean "every layer by the policy"
+            extra = {"flattened": flattened} if cls is fconv.FactorizeConvPass else {}
+            p = cls(policy, ranks=part, spectra={x.label: x.spec for x in mine}, **extra)
+            p(graph)
+            decisions += p.layers
     out = io.to_model(graph, like=model)
     data = io.serialize(out)
     if not check:
-        return Factorized(out, data, list(p.layers), rule="")
+        return Factorized(out, data, decisions, rule="")
     try:
         io.check_model(out, "factorized model", data=data)
         runtime.session(data if data is not None else out)
     except UnsupportedModelError as e:
         raise InternalError(f"{e} (factorization produced it)") from e
-    return Factorized(out, data, list(p.layers), rule="")
+    return Factorized(out, data, decisions, rule="")
 
 
 def _kept(layer: Layer, reason: str) -> LayerFactorization:
-    k, n = layer.site.weight.shape
+    site = layer.site
+    form = site.form if isinstance(site, fconv.ConvSite) else "svd"
     return LayerFactorization(
-        node=layer.label, op=layer.site.node.op, form="svd", shape=(k, n), rank=layer.spec.full_rank,
-        full_rank=layer.spec.full_rank, macs_before=k * n, macs_after=k * n, params_before=k * n,
-        params_after=k * n, error=0.0, weighted=layer.spec.weighted, applied=False, reason=reason)
+        node=layer.label, op=site.node.op, form=form, shape=tuple(site.weight.shape), rank=layer.spec.full_rank,
+        full_rank=layer.spec.full_rank, macs_before=site.full_macs, macs_after=site.full_macs,
+        params_before=site.weight.size, params_after=site.weight.size, error=0.0, weighted=layer.spec.weighted,
+        applied=False, reason=reason)
 
 
 # ---- budget allocation ----

@@ -146,3 +146,23 @@ def test_cli_bad_factorize_options_exit_2_and_write_nothing(tmp_path, capsys, ar
     code, io_ = run(capsys, DIGITS, "-o", out, *argv)
     assert code == 2 and message in io_.err and len(io_.err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_budget_allocation_spans_convs_and_fcs(digits):
+    model, calib = digits
+    budget = Budget(lossy=True, min_cosine=0.99)
+    f = factorize_model(model, calib, FactorizeConfig(), budget)
+    forms = {x.form for x in f.layers if x.applied}
+    assert forms == {"svd", "spatial"}, [(x.node, x.form, x.applied) for x in f.layers]
+    assert {x["node"] for x in f.allocation["sensitivity"]} >= {"/conv2/Conv", "/fc1/Gemm"}
+    from onnxopt import validate
+
+    report = validate.compare(model, f.model, data.load_feeds(TEST, model), budget=budget)
+    assert report.passed, report.summary()
+
+
+def test_no_convs_leaves_every_conv(digits):
+    model, calib = digits
+    f = factorize_model(model, calib, FactorizeConfig(convs=False, max_error=0.5))
+    assert all(x.op != "Conv" for x in f.layers)
+    assert [n.op_type for n in f.model.graph.node].count("Conv") == 2
