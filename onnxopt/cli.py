@@ -43,7 +43,7 @@ from onnxopt.optimizer import optimize_model
 logger = logging.getLogger("onnxopt")
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
-SUBCOMMANDS = ("validate",)
+SUBCOMMANDS = ("validate", "pack", "unpack")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +72,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def optimize_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxopt", description="Optimize an ONNX model and check it still computes the same thing. "
-                "Other commands: onnxopt validate A.onnx B.onnx")
+                "Other commands: onnxopt validate A.onnx B.onnx; onnxopt pack IN.onnx -o OUT.onnxz; "
+                "onnxopt unpack IN.onnxz -o OUT.onnx")
     p.add_argument("input", metavar="IN.onnx")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     p.add_argument("-O", dest="level", choices=["0", "1", "2"], default="1",
@@ -153,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "validate":
             return _validate(validate_parser().parse_args(argv[1:]))
+        if argv and argv[0] in ("pack", "unpack"):
+            from onnxopt import cli_pack  # it builds on this module's helpers
+
+            return getattr(cli_pack, argv[0])(argv[1:])
         return _optimize(optimize_parser().parse_args(argv))
     except UserError as e:
         print(f"onnxopt: error: {e}", file=sys.stderr)
