@@ -128,6 +128,30 @@ def save_model(
     return path
 
 
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write a small file (report, cache, container) atomically: a temporary file beside
+    ``path``, fsync, rename. Its mode follows the umask like ``open`` (mkstemp alone gives 0600)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def check_output_path(path: str | os.PathLike, *, protect=None, force: bool = False) -> None:
     """Raise ``UserError`` if ``path`` cannot be written, before any work is done."""
     path = Path(path)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import defaultdict
-from pathlib import Path
 
-from onnxopt import __version__
+from onnxopt import __version__, io
 from onnxopt.analysis import ModelStats
 from onnxopt.pass_base import PassRecord
 from onnxopt.validate import ValidationReport
@@ -67,16 +65,7 @@ def _record_json(r: PassRecord) -> dict:
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
     """Write atomically, like models: never a half-written report."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    io.write_atomic(path, json.dumps(report, indent=2, sort_keys=False) + "\n")
 
 
 def render(report: dict) -> str:

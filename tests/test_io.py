@@ -113,3 +113,22 @@ def test_graphs_helper_builds_valid_models():
     m = graphs.model([helper.make_node("Relu", ["x"], ["y"])], [("x", np.float32, [2])], [("y", np.float32, [2])])
     out = numerics.run(m, {"x": np.array([-1, 2], np.float32)})
     np.testing.assert_array_equal(out["y"], [0, 2])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_write_atomic_follows_the_umask_like_model_files(conv_model, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        small = io.write_atomic(tmp_path / "r.json", "{}\n")
+        model = io.save_model(conv_model, tmp_path / "m.onnx")
+    finally:
+        os.umask(old)
+    assert small.read_text() == "{}\n"
+    assert small.stat().st_mode & 0o777 == 0o666 & ~umask == model.stat().st_mode & 0o777
+
+
+def test_write_atomic_leaves_the_old_file_and_no_temp_on_failure(tmp_path):
+    path = io.write_atomic(tmp_path / "r.bin", b"old")
+    with pytest.raises(TypeError):
+        io.write_atomic(path, object())
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.bin"]
