@@ -17,14 +17,13 @@ from pathlib import Path
 from onnxopt import (
     __version__,
     analysis,
+    cli_lossy,
+    cli_weights,
     data,
-    factorize,
     io,
     presets,
-    quantize,
     report,
     runtime,
-    sensitivity,
     validate,
 )
 from onnxopt.config import (
@@ -33,8 +32,6 @@ from onnxopt.config import (
     CalibrationMethod,
     FactorizeConfig,
     OptimizeConfig,
-    QuantConfig,
-    QuantTarget,
     Target,
 )
 from onnxopt.errors import UserError, ValidationFailed, VerificationError
@@ -94,6 +91,7 @@ def optimize_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"onnxopt {__version__}")
     _int8_options(p)
     _factorize_options(p)
+    cli_weights.add_options(p)
     _common(p)
     return p
 
@@ -103,9 +101,10 @@ def _factorize_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--factorize", action="store_true", help="replace MatMul/Gemm/Conv layers by two thinner ones "
                    "where that saves MACs; with --min-cosine/--min-top1 and --calibrate, ranks are allocated by "
                    "measured sensitivity to meet the budget")
-    g.add_argument("--max-error", type=float, default=FactorizeConfig.max_error, metavar="E",
-                   help="per-layer relative output error on the calibration samples (weight error without "
-                   "them) (default %(default)s)")
+    g.add_argument("--max-error", type=float, metavar="E",
+                   help="with --factorize: per-layer relative output error on the calibration samples (weight "
+                   f"error without them) (default {FactorizeConfig.max_error}); with --int8 or --weight-form: "
+                   "an accuracy budget, every float output's relative L2 error <= E (with both: refused)")
     g.add_argument("--rank-energy", type=float, metavar="F", help="instead: keep this fraction of each layer's "
                    "squared singular values")
     g.add_argument("--rank-ratio", type=float, metavar="F", help="instead: keep this fraction of each layer's MACs")
@@ -133,8 +132,9 @@ def _int8_options(p: argparse.ArgumentParser) -> None:
                    "int8 with --target tensorrt)")
     g.add_argument("--exclude", metavar="A,B", help="node names or op types to keep in float")
     g.add_argument("--sensitivity", action="store_true", help="measure what quantizing each layer alone costs "
-                   "on the calibration samples; list the worst (all in --report). With --min-cosine/--min-top1, "
-                   "the costliest layers are kept in float until the budget is met on the calibration samples")
+                   "on the calibration samples; list the worst (all in --report). With a budget (--min-cosine, "
+                   "--min-top1, --max-error), the costliest layers are kept in float until it is met on the "
+                   "calibration samples")
 
 
 def validate_parser() -> argparse.ArgumentParser:
@@ -208,7 +208,8 @@ def _feeds(args, model) -> tuple[list[dict], str]:
         raise UserError("--samples must be at least 1")
     if args.data:
         return data.load_feeds(args.data, model, limit=args.samples), f"data: {args.data}"
-    if (getattr(args, "int8", False) or _factorizing(args)) and args.calibrate:
+    if (getattr(args, "int8", False) or _factorizing(args) or getattr(args, "weight_form", None)) \
+            and args.calibrate:
         feeds = data.load_feeds(args.calibrate, model, limit=args.samples or args.calibration_samples)
         return feeds, f"calibration data {args.calibrate}, not held out: give --data for that"
     return [runtime.random_feeds(model, shapes=shapes, seed=0)], "generated inputs"
@@ -219,10 +220,31 @@ def _budget(args) -> validate.Budget:
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 1:
             raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
-    lossy = getattr(args, "int8", False) or _factorizing(args) or args.min_cosine is not None \
-        or args.min_top1 is not None
+    max_rel_l2 = _output_max_error(args)
+    lossy = getattr(args, "int8", False) or _factorizing(args) or bool(getattr(args, "weight_form", None)) \
+        or args.min_cosine is not None or args.min_top1 is not None
     rtol = getattr(args, "rtol", validate.LOSSLESS_RTOL)
-    return validate.Budget(rtol=rtol, lossy=lossy, min_cosine=args.min_cosine, min_top1=args.min_top1)
+    return validate.Budget(rtol=rtol, lossy=lossy, min_cosine=args.min_cosine, min_top1=args.min_top1,
+                           max_rel_l2=max_rel_l2)
+
+
+def _output_max_error(args) -> float | None:
+    """--max-error as an output budget: without factorization, where it is the per-layer error instead.
+    With factorization and another lossy step both meanings fit: refused."""
+    value = getattr(args, "max_error", None)
+    if value is None:
+        return None
+    other = "--int8" if args.int8 else "--weight-form" if args.weight_form else None
+    if _factorizing(args):
+        if other:
+            raise UserError(f"--max-error with --factorize and {other} is ambiguous (the factorization's "
+                            "per-layer error or the output budget): give --min-cosine/--min-top1 for the budget")
+        return None
+    if other is None:
+        raise UserError("--max-error goes with --factorize (per-layer error), --int8 or --weight-form (budget)")
+    if not value > 0:
+        raise UserError(f"--max-error must be above 0, got {value}")
+    return value
 
 
 def _configs(args) -> tuple[str, list[str], OptimizeConfig]:
@@ -238,78 +260,15 @@ def _configs(args) -> tuple[str, list[str], OptimizeConfig]:
                             "--calibration-cache)")
     elif args.calibration_cache or args.sensitivity:
         raise UserError("--calibration-cache and --sensitivity go with --int8")
-    elif args.calibrate and not _factorizing(args):
-        raise UserError("--calibrate goes with --int8, --factorize or -O2")
+    elif args.calibrate and not _factorizing(args) and not args.weight_form:
+        raise UserError("--calibrate goes with --int8, --factorize or -O2 (or --weight-form)")
+    cli_weights.check(args, _factorizing(args))
     outputs = tuple(_csv(args.outputs)) if args.outputs else None
     return preset, names, OptimizeConfig(target=target, outputs=outputs, opset=args.opset)
 
 
 def _factorizing(args) -> bool:
     return bool(getattr(args, "factorize", False) or getattr(args, "level", None) == "2")
-
-
-def _factorize(args, model, budget: validate.Budget) -> factorize.Factorized:
-    """Factorize with ranks from the calibration samples (the budget's allocation when one is given)."""
-    config = FactorizeConfig(max_error=args.max_error, rank_energy=args.rank_energy, rank_ratio=args.rank_ratio,
-                             min_saving=args.min_saving, convs=not args.no_conv_factorize,
-                             flattened=args.flattened)
-    samples = data.load_feeds(args.calibrate, model, limit=args.calibration_samples) if args.calibrate else None
-    if sensitivity.has_budget(budget) and not samples:
-        raise UserError("--factorize with --min-cosine/--min-top1 needs --calibrate samples to allocate ranks")
-    progress = not args.quiet and sys.stderr.isatty()
-    return factorize.factorize_model(model, samples, config, budget if samples else None, progress=progress)
-
-
-def _quantize(args, model, budget: validate.Budget, feeds: list[dict],
-              source: str) -> tuple[quantize.Quantized, sensitivity.Tuning | None]:
-    """Calibrate and quantize; with --sensitivity or a budget, measure layers and keep the worst in float."""
-    target = QuantTarget.TENSORRT if args.target == Target.TENSORRT.value else QuantTarget.ONNXRUNTIME
-    default_type = ActivationType.INT8 if target is QuantTarget.TENSORRT else ActivationType.UINT8
-    activation = ActivationType(args.activation_type) if args.activation_type else default_type
-    qconfig = QuantConfig(activation_type=activation, target=target, exclude=tuple(_csv(args.exclude) or ()))
-    cconfig = CalibrationConfig(method=CalibrationMethod(args.calibration_method), percentile=args.percentile,
-                                max_samples=args.calibration_samples, symmetric=target is QuantTarget.TENSORRT)
-    samples = data.iter_feeds(args.calibrate, model, limit=args.calibration_samples) if args.calibrate else iter(())
-    progress = not args.quiet and sys.stderr.isatty()
-    q = quantize.quantize_model(model, samples, qconfig, cconfig, cache=args.calibration_cache, progress=progress)
-    tuning = None
-    if args.sensitivity or sensitivity.has_budget(budget):
-        feeds, source = _tuning_feeds(args, model, feeds, source)
-        tuning = sensitivity.tune(model, q, qconfig, feeds, budget, sensitivity=args.sensitivity, source=source,
-                                  progress=progress)
-        q = tuning.quantized
-    q.facts = quantize.report(q, cconfig, qconfig)
-    if tuning is not None:
-        tuning.annotate(q.facts)
-    return q, tuning
-
-
-def _tuning_feeds(args, model, feeds: list[dict], source: str) -> tuple[list[dict], str]:
-    """Samples for --sensitivity and the budget fallback: the calibration samples, so that --data
-    stays held out for the final check."""
-    if args.calibrate:
-        if not args.data and args.samples is None and feeds:  # validation already read these samples
-            return feeds, source
-        limit = args.calibration_samples
-        return data.load_feeds(args.calibrate, model, limit=limit), f"calibration data {args.calibrate}"
-    feeds, source = (feeds, source) if feeds else _feeds(args, model)
-    return feeds, f"{source}; no --calibrate, so not held out"
-
-
-def _lossy_steps(args, result, budget: validate.Budget, feeds: list[dict], source: str, timings: dict):
-    """Factorization then int8, each on the previous step's model."""
-    final, final_data, factored, quant, tuning = result.model, result.data, None, None, None
-    if _factorizing(args):
-        t = time.perf_counter()
-        factored = _factorize(args, final, budget)
-        final, final_data = factored.model, factored.data
-        timings["factorize"] = time.perf_counter() - t
-    if args.int8:
-        t = time.perf_counter()
-        quant, tuning = _quantize(args, final, budget, feeds, source)
-        final, final_data = quant.model, quant.data
-        timings["quantize"] = time.perf_counter() - t
-    return final, final_data, factored, quant, tuning
 
 
 def _optimize(args) -> int:
@@ -329,8 +288,8 @@ def _optimize(args) -> int:
     t = time.perf_counter()
     result = optimize_model(model, names, config, verify_feeds=feeds if args.verify_each else None)
     timings["optimize"] = time.perf_counter() - t
-    final, final_data, factored, quant, tuning = _lossy_steps(args, result, budget, feeds, source, timings)
-    failure = tuning.failure() if tuning else None
+    done = cli_lossy.run(args, result, budget, feeds, source, timings)
+    final, final_data, tuning, failure = done.model, done.data, done.tuning, done.failure()
 
     check = None
     if not args.no_validate and not failure:
@@ -354,10 +313,14 @@ def _optimize(args) -> int:
         before=analysis.model_stats(model, first, io.file_size(args.input)),
         after=analysis.model_stats(final, first, io.file_size(written) if written else final.ByteSize()),
         records=result.records, validation=check, seconds=timings,
-        quantization=quant.facts if quant else None, sensitivity=tuning.facts() if tuning else None,
-        factorization=factored.facts() if factored else None,
+        quantization=done.quant.facts if done.quant else None, sensitivity=tuning.facts() if tuning else None,
+        factorization=done.factored.facts() if done.factored else None,
     )
-    _emit(args, facts, report.render(facts))
+    text = report.render(facts)
+    if done.weights:
+        facts["weight_form"] = done.weights.facts
+        text += "\n\n" + "\n".join(cli_weights.render(done.weights.facts))
+    _emit(args, facts, text)
     if failure:
         raise ValidationFailed(f"{failure}; {args.output} not written")
     if check is not None and not check:

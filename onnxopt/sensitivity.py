@@ -33,11 +33,14 @@ so a layer alone is measured at the scale it has in the full model.
 Past ``screen_above`` layers, every layer is first measured on the first
 ``screen_samples`` samples and only the ``screen_keep`` costliest again on all of them.
 
-Budget fallback (``fallback``): when the full int8 model misses a lossy budget on the
-sample feeds, the k costliest layers are kept in float, k found by doubling (1, 2, 4, ...)
+Budget fallback (``fallback``): when the full int8 model misses a lossy budget (cosine,
+top-1, relative L2 error: ``validate.Budget``) on the sample feeds, the k costliest layers
+are kept in float, k found by doubling (1, 2, 4, ...)
 then bisection, each step a check of the whole model against the whole budget: about
 2 log2(k) checks. Costs are not exactly additive, so the first k that passes may not be the
-smallest, but the model returned always passed its check. k stops at n - 1 (all but one
+smallest, but the model returned always passed its check. Layers are ranked by cosine
+whatever the budget: for small errors ``1 - cosine`` is about half the squared relative L2
+error, so the ranking serves an L2 budget too. k stops at n - 1 (all but one
 layer in float); if that misses too, the budget cannot be met in int8 and the caller
 writes nothing.
 """
@@ -91,6 +94,7 @@ class LayerCost:
     cosine: float  # worst float output's mean cosine of the variant measured
     top1: float | None  # top-1 agreement of that variant where an output is 2-D logits
     samples: int
+    rel_l2: float | None = None  # worst float output's relative L2 error of that variant
 
     def to_json(self) -> dict:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
@@ -128,6 +132,7 @@ class Score:
     cosine: float
     top1: float | None
     report: ValidationReport
+    rel_l2: float = 0.0  # the worst float output's
 
     @property
     def passed(self) -> bool:
@@ -173,10 +178,16 @@ class Variants:
         except UnsupportedModelError as e:
             raise InternalError(f"{e} (a quantized variant; insert_qdq produced it)") from e
         report = validate.compare_runs(self.reference, sess, self.feeds, source=self.source, budget=self.budget)
-        outs = [o for o in report.outputs if o.name in self.floating]
-        cosine = min((o.cosine if math.isfinite(o.cosine) else -1.0 for o in outs), default=1.0)
-        top1 = min((o.top1 for o in outs if o.top1 is not None), default=None)
-        return Score(cosine, top1, report)
+        return score_of(report, self.floating)
+
+
+def score_of(report: ValidationReport, floating: Sequence[str]) -> Score:
+    """The worst of the ``floating`` outputs of ``report``: cosine, top-1, relative L2 error."""
+    outs = [o for o in report.outputs if o.name in floating]
+    cosine = min((o.cosine if math.isfinite(o.cosine) else -1.0 for o in outs), default=1.0)
+    top1 = min((o.top1 for o in outs if o.top1 is not None), default=None)
+    rel_l2 = max((o.rel_l2 if math.isfinite(o.rel_l2) else math.inf for o in outs), default=0.0)
+    return Score(cosine, top1, report, rel_l2)
 
 
 def count_samples(feeds: Sequence[Feeds]) -> int:
@@ -225,7 +236,7 @@ def _measure(v: Variants, nodes: Sequence[str], todo: list[tuple[str, str]], met
             continue
         s = v.score(q)
         cost = base - s.cosine if one else s.cosine - base
-        costs.append(LayerCost(name, op, cost, s.cosine, s.top1, v.samples))
+        costs.append(LayerCost(name, op, cost, s.cosine, s.top1, v.samples, s.rel_l2))
     return sorted(costs, key=lambda c: -c.cost)  # stable: graph order among equal costs
 
 
@@ -237,21 +248,29 @@ class Fallback:
     source: str = "samples"
     kept: tuple[LayerCost, ...] = ()
     met: bool = True
-    checks: list[dict] = field(default_factory=list)  # float_layers, cosine, top1, passed
+    checks: list[dict] = field(default_factory=list)  # float_layers, cosine, top1, rel_l2, passed
+    what: str = "int8"  # the encoding and what it keeps in float, for messages
+    unit: str = "layer"
 
     def message(self) -> str:
         if self.met:
-            return f"{len(self.kept)} layers kept in float to meet {self.budget.describe()}"
+            return f"{len(self.kept)} {self.unit}s kept in float to meet {self.budget.describe()}"
         best = max(self.checks, key=lambda c: c["cosine"], default=None)
-        tried = f" (best: {best['float_layers']} layers in float, cosine {best['cosine']:.6f})" if best else ""
-        return (f"int8 cannot meet the {self.budget.describe()} on the {self.source}, even with all but one "
-                f"layer in float{tried}")
+        l2 = f", rel L2 {best['rel_l2']:.4g}" if best and self.budget.max_rel_l2 is not None else ""
+        tried = f" (best: {best['float_layers']} {self.unit}s in float, cosine {best['cosine']:.6f}{l2})" if best \
+            else ""
+        return (f"{self.what} cannot meet the {self.budget.describe()} on the {self.source}, even with all but one "
+                f"{self.unit} in float{tried}")
 
 
-def fallback(v: Variants, ranked: Sequence[LayerCost], full: Score) -> tuple[Fallback, Quantized | None]:
-    """Keep the fewest costliest layers in float that make the whole model meet ``v.budget``."""
-    fb = Fallback(v.budget, v.source)
-    fb.checks.append({"float_layers": 0, "cosine": full.cosine, "top1": full.top1, "passed": full.passed})
+def fallback(v: Variants, ranked: Sequence[LayerCost], full: Score, *, what: str = "int8",
+             unit: str = "layer") -> tuple[Fallback, Quantized | None]:
+    """Keep the fewest costliest layers in float that make the whole model meet ``v.budget``.
+
+    ``v`` is a ``Variants`` or any other object with its ``budget``, ``source``, ``build(exclude)``
+    and ``score(built)`` (``cli_weights`` keeps weights in float with it)."""
+    fb = Fallback(v.budget, v.source, what=what, unit=unit)
+    fb.checks.append(_check_facts(0, full))
     if full.passed:
         return fb, None
     passing: dict[int, Quantized] = {}  # only the latest model that passed: each can be large
@@ -259,8 +278,8 @@ def fallback(v: Variants, ranked: Sequence[LayerCost], full: Score) -> tuple[Fal
     def ok(k: int) -> bool:
         q = v.build([c.node for c in ranked[:k]])
         s = v.score(q)
-        fb.checks.append({"float_layers": k, "cosine": s.cosine, "top1": s.top1, "passed": s.passed})
-        logger.info("budget fallback: %d layers in float: cosine %.6f, %s", k, s.cosine,
+        fb.checks.append(_check_facts(k, s))
+        logger.info("budget fallback: %d layers in float: cosine %.6f, rel L2 %.4g, %s", k, s.cosine, s.rel_l2,
                     "met" if s.passed else "missed")
         if s.passed:
             passing.clear()
@@ -280,6 +299,10 @@ def fallback(v: Variants, ranked: Sequence[LayerCost], full: Score) -> tuple[Fal
         lo, hi = (lo, mid) if ok(mid) else (mid, hi)
     fb.kept = tuple(ranked[:hi])
     return fb, passing[hi]
+
+
+def _check_facts(k: int, s: Score) -> dict:
+    return {"float_layers": k, "cosine": s.cosine, "top1": s.top1, "rel_l2": s.rel_l2, "passed": s.passed}
 
 
 @dataclass
@@ -326,7 +349,7 @@ class Tuning:
 
 
 def has_budget(budget: Budget) -> bool:
-    return budget.lossy and (budget.min_cosine is not None or budget.min_top1 is not None)
+    return budget.limits
 
 
 def tune(model: onnx.ModelProto, q: Quantized, config: QuantConfig, feeds: Sequence[Feeds], budget: Budget, *,

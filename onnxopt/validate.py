@@ -8,9 +8,9 @@ agreement when the output is 2-D logits.
 What passes is a ``Budget``. Lossless (the default): every float output has
 relative L2 error <= ``rtol`` (or max abs error <= ``atol`` for outputs that are
 all but zero) and integer and bool outputs match exactly. Lossy (int8, ...): every
-float output keeps mean cosine >= ``min_cosine`` and 2-D logits keep top-1
-agreement >= ``min_top1``, where given; without either, the numbers are reported
-and nothing fails.
+float output keeps mean cosine >= ``min_cosine`` and relative L2 error <=
+``max_rel_l2``, and 2-D logits keep top-1 agreement >= ``min_top1``, where given;
+without any of them, the numbers are reported and nothing fails.
 
 The report is truthy when it passes (Polygraphy style).
 """
@@ -45,12 +45,19 @@ class Budget:
     lossy: bool = False
     min_cosine: float | None = None
     min_top1: float | None = None
+    max_rel_l2: float | None = None
+
+    @property
+    def limits(self) -> bool:
+        """Whether a lossy budget sets any limit (without one it only reports)."""
+        return self.lossy and any(x is not None for x in (self.min_cosine, self.min_top1, self.max_rel_l2))
 
     def describe(self) -> str:
         if not self.lossy:
             return f"tolerance: rel L2 <= {self.rtol:g}"
         parts = [f"cosine >= {self.min_cosine}"] if self.min_cosine is not None else []
         parts += [f"top-1 >= {self.min_top1}"] if self.min_top1 is not None else []
+        parts += [f"rel L2 <= {self.max_rel_l2}"] if self.max_rel_l2 is not None else []
         return "budget: " + (", ".join(parts) if parts else "none given, report only")
 
     def passes(self, m: OutputMetrics, floating: bool) -> bool:
@@ -59,6 +66,7 @@ class Budget:
         if not floating:
             return True
         ok = self.min_cosine is None or m.cosine >= self.min_cosine
+        ok = ok and (self.max_rel_l2 is None or m.rel_l2 <= self.max_rel_l2)
         return ok and (self.min_top1 is None or m.top1 is None or m.top1 >= self.min_top1)
 
 

@@ -79,6 +79,9 @@ def test_missed_budget_exits_1_and_writes_nothing(tmp_path, capsys):
         (["--int8", "--calibrate", str(TEST), "--min-cosine", "1.5"], "--min-cosine must be between 0 and 1"),
         (["--int8", "--calibrate", "{tmp}/wrong.npz"], "which the model does not take"),
         (["--int8", "--calibrate", str(CALIB), "--calibration-method", "magic"], "invalid choice"),
+        (["--max-error", "0.1"], "--max-error goes with --factorize (per-layer error), --int8"),
+        (["--int8", "--factorize", "--calibrate", str(CALIB), "--max-error", "0.1"], "is ambiguous"),
+        (["--int8", "--calibrate", str(CALIB), "--max-error", "0"], "--max-error must be above 0"),
     ],
 )
 def test_int8_bad_input(argv, message, tmp_path, capsys):
@@ -86,3 +89,14 @@ def test_int8_bad_input(argv, message, tmp_path, capsys):
     out = tmp_path / "o.onnx"
     code, io_ = run(capsys, DIGITS, "-o", out, *[a.format(tmp=tmp_path) for a in argv])
     assert code == 2 and message in io_.err and io_.err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("extra, rule", [([], "max error 0.05 "), (["--max-error", "0.2"], "max error 0.2 ")])
+def test_max_error_stays_the_factorization_per_layer_error(extra, rule, tmp_path, capsys):
+    """Without --int8, --max-error is the factorization's per-layer error, default unchanged; no output budget."""
+    rep = tmp_path / "r.json"
+    code, io_ = run(capsys, DIGITS, "-o", tmp_path / "f.onnx", "--factorize", "--calibrate", CALIB, *extra,
+                    "--report", rep, "--latency-repeat", "0")
+    assert code == 0, io_.err
+    r = json.loads(rep.read_text())
+    assert r["factorization"]["rule"].startswith(rule) and r["validation"]["budget"]["max_rel_l2"] is None

@@ -203,26 +203,29 @@ def test_cli_sensitivity_prints_and_reports_every_layer(tmp_path, capsys):
     assert "sensitivity (quantized alone" in io_.out and layers[0]["node"] in io_.out
 
 
-def test_cli_budget_fallback_keeps_costly_layers_in_float(tmp_path, capsys):
+@pytest.mark.parametrize("option, key, loose", [("--min-cosine", "cosine", "0"), ("--max-error", "rel_l2", "1e9")])
+def test_cli_budget_fallback_keeps_costly_layers_in_float(option, key, loose, tmp_path, capsys):
     out, rep = tmp_path / "d8.onnx", tmp_path / "r.json"
     args = [DIGITS, "-o", out, "--int8", "--calibrate", CALIB, "--latency-repeat", "0", "--report", rep]
-    # First the numbers: full int8 cosine on the calibration samples, and each layer's cost.
-    assert run(capsys, *args, "--sensitivity", "--min-cosine", "0")[0] == 0
+    # First the numbers: full int8 cosine (rel L2) on the calibration samples, and each layer's cost.
+    assert run(capsys, *args, "--sensitivity", option, loose)[0] == 0
     r = json.loads(rep.read_text())
-    full = r["quantization"]["fallback"]["checks"][0]["cosine"]
-    best = r["sensitivity"]["layers"][-1]["cosine"]  # all but the cheapest layer in float
+    full = r["quantization"]["fallback"]["checks"][0][key]
+    best = r["sensitivity"]["layers"][-1][key]  # all but the cheapest layer in float
     budget = full + (best - full) / 4
-    code, io_ = run(capsys, *args, "--min-cosine", f"{budget:.9f}", "--data", TEST)
+    code, io_ = run(capsys, *args, option, f"{budget:.9f}", "--data", TEST)
     assert code == 0, io_.err
     r = json.loads(rep.read_text())
     fb = r["quantization"]["fallback"]
-    assert fb["met"] and fb["checks"][0]["cosine"] == pytest.approx(full) and not fb["checks"][0]["passed"]
+    assert fb["met"] and fb["checks"][0][key] == pytest.approx(full) and not fb["checks"][0]["passed"]
     kept = [c["node"] for c in fb["kept_in_float"]]
     ranked = [c["node"] for c in r["sensitivity"]["layers"]]
     assert kept and kept == ranked[: len(kept)] and len(kept) < len(ranked)
     assert all(e["reason"].startswith("sensitivity: costs") for e in r["quantization"]["kept_in_float"]
                if e["node"] in kept)
     assert r["validation"]["passed"] and "digits_cnn.test.npz" in r["validation"]["source"]  # held out
+    held_out = r["validation"]["outputs"]["logits"][key]
+    assert held_out >= budget if key == "cosine" else held_out <= budget
     assert "budget fallback on 64 samples" in io_.out and out.exists()
 
 
@@ -248,3 +251,35 @@ def test_cli_sensitivity_from_a_cache_runs_on_data_and_says_it_is_not_held_out(t
 def test_cli_sensitivity_needs_int8(tmp_path, capsys):
     code, io_ = run(capsys, DIGITS, "-o", tmp_path / "o.onnx", "--sensitivity")
     assert code == 2 and "go with --int8" in io_.err
+
+
+def test_cli_max_error_keeps_the_costly_layer_in_float_until_rel_l2_holds(tmp_path, capsys):
+    """--max-error with --int8: every float output's relative L2 error <= E, met by the fallback."""
+    path, calib, test, out, rep = (tmp_path / n for n in ("m.onnx", "c.npz", "t.npz", "o.onnx", "r.json"))
+    onnx.save(outlier_mlp(), path)
+    np.savez(calib, x=graphs.rand(64, 16, seed=7))
+    np.savez(test, x=graphs.rand(64, 16, seed=8))
+    args = [path, "-o", out, "--int8", "--calibrate", calib, "--calibration-method", "minmax", "--latency-repeat",
+            "0", "--report", rep]
+    # The numbers: rel L2 of the full int8 model, and with the outlier layer left in float.
+    assert run(capsys, *args, "--max-error", "1e9")[0] == 0
+    full = json.loads(rep.read_text())["quantization"]["fallback"]["checks"][0]["rel_l2"]
+    assert run(capsys, *args, "--max-error", "1e9", "--exclude", HARD)[0] == 0
+    without_hard = json.loads(rep.read_text())["quantization"]["fallback"]["checks"][0]["rel_l2"]
+    assert without_hard < full / 3
+    limit = (full * without_hard) ** 0.5
+    code, io_ = run(capsys, *args, "--sensitivity", "--max-error", f"{limit:.6g}", "--data", test)
+    assert code == 0, io_.err
+    r = json.loads(rep.read_text())
+    fb = r["quantization"]["fallback"]
+    assert fb["met"] and [k["node"] for k in fb["kept_in_float"]] == [HARD] and f"rel L2 <= {limit:.6g}" in fb["budget"]
+    assert [c["passed"] for c in fb["checks"]][0] is False and fb["checks"][-1]["rel_l2"] <= limit
+    assert r["sensitivity"]["layers"][0]["node"] == HARD and r["sensitivity"]["layers"][0]["rel_l2"] > 0
+    v = r["validation"]
+    assert v["passed"] and "t.npz" in v["source"] and v["outputs"]["logits"]["rel_l2"] <= limit  # held out
+    assert v["budget"]["max_rel_l2"] == pytest.approx(limit, rel=1e-5)
+
+    out.unlink()
+    code, io_ = run(capsys, *args, "--max-error", "1e-6")
+    assert code == 1 and not out.exists()
+    assert "rel L2 <= 1e-06" in io_.err and "even with all but one layer in float" in io_.err
