@@ -93,6 +93,16 @@ def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int | None) -> np.nd
     return np.clip(np.round(w / s), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
 
 
+def weight_error(w: np.ndarray, axis: int | None) -> float:
+    """Relative L2 error of ``w`` quantized with symmetric int8 scales along ``axis`` (None: one scale)."""
+    s = weight_scale(w, axis)
+    q = quantize_weight(w, s, axis).astype(np.float64)
+    if axis is not None:
+        s = s.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
+    norm = float(np.linalg.norm(w))
+    return float(np.linalg.norm(q * s - w)) / norm if norm else 0.0
+
+
 def bias_min_weight_scale(bias: np.ndarray, x_scale: np.float32) -> np.ndarray:
     """The smallest weight scale per channel for which round(b / (s_x * s_w)) fits int32
     (within 2^30, a margin for the float32 rounding of the scales and for the accumulator)."""

@@ -12,6 +12,9 @@ op the root of that op's input). Then:
   and a data-movement op (MaxPool, Resize, Reshape, Transpose, ...) are quantized
   only when every data input is already available: quantizing them on float inputs
   would add a QuantizeLinear and its error for nothing;
+- a Gather whose data is a float32 constant table (an embedding) gets an int8 table
+  (``_qdq_weights.table_spec``); its output stays float for its readers, so it makes
+  nothing available;
 - a Relu, or Clip(0, c), that is the only reader of a weight op's or Add/Mul's output
   is *absorbed*: the QuantizeLinear goes after it, with the range of its output.
 
@@ -38,7 +41,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.config import ActivationType, QuantConfig, QuantTarget
 from onnxopt.graph_utils import has_subgraph, is_graph_output, is_standard, optional_input
 from onnxopt.pass_base import Skip
-from onnxopt.passes._qdq_weights import WeightSpec, weight_spec
+from onnxopt.passes._qdq_weights import TableSpec, WeightSpec, table_spec, weight_spec
 from onnxopt.passes.fuse_conv_activation import clip_bounds
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -74,6 +77,7 @@ class Decision:
     outputs: dict[int, gs.Tensor] = field(default_factory=dict)  # id(node) -> its quantizable output
     excluded: list[Skip] = field(default_factory=list)
     qtensors: list[gs.Tensor] = field(default_factory=list)  # tensors that get Q -> DQ, in order
+    tables: list[tuple[gs.Node, TableSpec]] = field(default_factory=list)  # Gathers of int8 tables
 
     def quantized(self, node: gs.Node) -> bool:
         return id(node) in self.kinds
@@ -175,6 +179,10 @@ class Planner:
             return "excluded by the configuration"
         if node.op in WEIGHT_OPS:
             return self._weight_op(node)
+        if node.op == "Gather":
+            spec = table_spec(self.graph, node, self.config.exclude)
+            if spec is not None:
+                return self._table_op(node, spec)
         if not all(self._available(node, i) for i in data_inputs(node)):
             return None
         if node.op in QLINEAR_OPS:
@@ -216,6 +224,12 @@ class Planner:
             self._add_root(x.name)
         self.d.weights[id(node)] = spec
         self._accept(node, "weight")
+        return None
+
+    def _table_op(self, node: gs.Node, spec: TableSpec | str) -> str | None:
+        if isinstance(spec, str):
+            return spec
+        self.d.tables.append((node, spec))
         return None
 
     def _qlinear_op(self, node: gs.Node) -> str | None:

@@ -28,7 +28,18 @@ Placement (onnxruntime 1.32's optimized graph is checked in the tests):
   point is 0 and the activation stays a float op between DQ and Q, the layout TensorRT fuses;
 - data-movement ops (MaxPool, Reshape, Transpose, Resize, Split, ...) reuse their input's
   scale and zero point, so onnxruntime drops their DQ/Q and runs them on int8 data
-  (except linear Resize, which onnxruntime 1.32 keeps in float between the two).
+  (except linear Resize, which onnxruntime 1.32 keeps in float between the two);
+- constant Gather tables (embeddings) are stored in int8 and gathered before they are
+  dequantized, so that only the rows read are converted: int8 table -> Gather -> Cast ->
+  Mul(scales), the scales one per feature, or per row gathered with the same indices
+  (DequantizeLinear's arithmetic, which DequantizeLinear itself cannot express for a
+  scale per gathered row before opset 21's blocks); with one scale for the table,
+  int8 table -> Gather -> DequantizeLinear (see ``_table_form``). onnxruntime 1.32 folds
+  no DequantizeLinear of a constant in a QDQ model, nor does it turn DQ -> Gather -> Q
+  into a Gather on int8 data for int8 tables on x86, so ``DQ(table) -> Gather`` would
+  dequantize the whole table on every run (MiniLM: 30522 x 384, +35 % latency).
+  TensorRT gets ``DQ(int8 table, axis) -> Gather``: it folds a DequantizeLinear of a
+  constant into the weights, and reads no int8 Gather.
 
 Per-channel DequantizeLinear (the ``axis`` attribute) needs opset 13: ``requires``
 refuses older graphs, and ``ensure_opset(model, 13)`` converts the model first. A graph
@@ -55,7 +66,7 @@ from onnxopt.graph_utils import Names, finish, opset, producer
 from onnxopt.pass_base import GraphPass, PassResult, Skip
 from onnxopt.passes import _qdq_math as qm
 from onnxopt.passes import _qdq_plan as qp
-from onnxopt.passes._qdq_weights import QuantizedWeight, quantize
+from onnxopt.passes._qdq_weights import QuantizedTable, QuantizedWeight, TableSpec, quantize, quantize_table
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +95,8 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     """The nodes ``InsertQDQPass`` will quantize and the tensors it needs ranges for."""
     _check_config(config)
     d = qp.Planner(graph, config, lambda name: None).run()
-    return QuantPlan(tuple(qp.label(n) for n in d.nodes), tuple(qp.needed_roots(d)), tuple(d.excluded))
+    nodes = (*d.nodes, *(n for n, _ in d.tables))
+    return QuantPlan(tuple(qp.label(n) for n in nodes), tuple(qp.needed_roots(d)), tuple(d.excluded))
 
 
 def ensure_opset(model: onnx.ModelProto, version: int = PER_CHANNEL_OPSET) -> onnx.ModelProto:
@@ -111,11 +123,13 @@ class InsertQDQPass(GraphPass):
     """QuantizeLinear/DequantizeLinear around Conv, MatMul, Gemm and the ops onnxruntime runs in int8.
 
     Handled: Conv (any group, 1-3-D), MatMul with a constant 2-D weight (N-D input),
-    Gemm (transA/transB, per-column bias), ConvTranspose for TensorRT; Add, Mul, Concat,
+    Gemm (transA/transB, per-column bias), ConvTranspose for TensorRT; Gather of a constant
+    float32 table (int8 weights only: its output stays float); Add, Mul, Concat,
     AveragePool, GlobalAveragePool, LeakyRelu, Sigmoid on int8 inputs; data-movement ops
     on int8 inputs; Relu/Clip(0, c) absorbed into the following quantizer.
     Refused (listed in ``skipped``): nodes excluded by the configuration, custom
-    domains, control-flow nodes, non-float32 or non-constant weights, MatMul of two
+    domains, control-flow nodes, non-float32 or non-constant weights, a Gather table that
+    another node also reads in float, MatMul of two
     activations, ConvTranspose for onnxruntime (no int8 kernel), tensors without a finite
     calibrated range, and with int8 for onnxruntime a node whose quantized output would
     have several readers. Built with its ranges, not from the optimizer config.
@@ -138,16 +152,17 @@ class InsertQDQPass(GraphPass):
 
     def call(self, graph: gs.Graph) -> PassResult:
         d = qp.Planner(graph, self.config, lambda name: range_problem(self.ranges.get(name))).run()
-        if not d.nodes:
+        if not d.nodes and not d.tables:
             return PassResult(graph, False, {}, tuple(d.excluded))
         params = {name: self._qparams(root) for name, root in d.roots.items()}
         # TensorRT reads int8 QDQ only and adds a float bias in its own kernels.
         int32_bias = self.config.target is QuantTarget.ONNXRUNTIME
         weights = {id(n): quantize(d.weights[id(n)], params[d.root_of[n.inputs[0].name]].scale,
                                    self.config.per_channel, int32_bias) for n in d.nodes if id(n) in d.weights}
+        tables = {id(s.table): quantize_table(s, self.config.per_channel) for _, s in d.tables}
         stats = _stats(d)
         rewriter = _Rewriter(graph, d, params, qp.single_reader_only(self.config))
-        rewriter.apply(weights)
+        rewriter.apply(weights, tables, tensorrt=self.config.target is QuantTarget.TENSORRT)
         stats["activation_quantizers"] = rewriter.quantizers
         finish(graph)
         return PassResult(graph, True, stats, tuple(d.excluded))
@@ -162,6 +177,17 @@ class InsertQDQPass(GraphPass):
         return qm.activation_qparams(lo, hi, dtype, symmetric=symmetric, clip_max=root.clip_max)
 
 
+def _table_form(spec: TableSpec, qt: QuantizedTable) -> str:
+    """How onnxruntime dequantizes the gathered int8 rows: "gathered" scales (one per row:
+    Gather(scales) -> Mul), "broadcast" scales (one per feature after the Gather axis: Mul),
+    or "dq" (one scale, or per feature before the Gather axis: DequantizeLinear). Per-feature
+    scales on the last axis are a Mul rather than DequantizeLinear(axis=-1), which onnxruntime
+    1.32 runs as blocks of one element: +2 % MiniLM latency for its two small tables."""
+    if qt.axis == spec.axis:
+        return "gathered"
+    return "broadcast" if qt.axis is not None and qt.axis > spec.axis else "dq"
+
+
 def _stats(d: qp.Decision) -> dict[str, int]:
     stats: dict[str, int] = {}
     for n in d.nodes:
@@ -172,6 +198,9 @@ def _stats(d: qp.Decision) -> dict[str, int]:
         if act.outputs[0].name in quantized:
             key = f"absorb_{act.op.lower()}"
             stats[key] = stats.get(key, 0) + 1
+    if d.tables:
+        stats["quantize_gather_table"] = len(d.tables)
+        stats["int8_tables"] = len({id(s.table) for _, s in d.tables})
     return stats
 
 
@@ -185,14 +214,52 @@ class _Rewriter:
         self.names = Names(graph)
         self.consts: dict[str, tuple[gs.Constant, gs.Constant]] = {}
         self.int8_weights: dict[tuple, list[gs.Constant]] = {}
+        self.int8_tables: dict[int, list[gs.Tensor]] = {}
         self.made = {id(n) for n in d.nodes} | {id(a) for a in d.absorbed.values()}
 
-    def apply(self, weights: dict[int, QuantizedWeight]) -> None:
+    def apply(self, weights: dict[int, QuantizedWeight], tables: dict[int, QuantizedTable], *,
+              tensorrt: bool) -> None:
         for n in self.d.nodes:
             if id(n) in weights:
                 self._weight(n, weights[id(n)])
+        for n, spec in self.d.tables:  # before the tensors: a Gather's output may need its own Q/DQ
+            self._table(n, spec, tables[id(spec.table)], tensorrt)
         for t in self.d.qtensors:
             self._tensor(t)
+
+    def _table(self, node: gs.Node, spec: TableSpec, qt: QuantizedTable, tensorrt: bool) -> None:
+        """int8 table -> Gather -> dequantized rows (TensorRT: DQ(int8 table) -> Gather)."""
+        form = _table_form(spec, qt)
+        if id(spec.table) not in self.int8_tables:  # a table several Gathers read is stored once
+            base, scale = spec.table.name, qt.scale
+            if form == "gathered" and not tensorrt:  # shaped to broadcast once gathered like the table
+                scale = scale.reshape([-1 if i == spec.axis else 1 for i in range(qt.q.ndim)])
+            elif form == "broadcast" and not tensorrt:  # aligned with the gathered rows from the end
+                scale = scale.reshape([-1] + [1] * (qt.q.ndim - 1 - qt.axis))
+            consts = [self._const(f"{base}_quantized", qt.q), self._const(f"{base}_scale", scale),
+                      self._const(f"{base}_zero_point", np.zeros(qt.scale.shape, np.int8))]
+            if tensorrt:
+                consts = [self._dq(base, consts, spec.table, qt.axis)]
+            self.int8_tables[id(spec.table)] = consts
+        consts = self.int8_tables[id(spec.table)]
+        node.inputs[0] = consts[0]
+        if tensorrt:
+            return
+        out, name = node.outputs[0], qp.label(node)
+        rows = gs.Variable(self.names(f"{name}_int8"), np.int8, out.shape)
+        node.outputs[0] = rows
+        if form == "dq":
+            self._dq(name, [rows, consts[1], consts[2]], out, qt.axis, out=out)
+            return
+        scales = consts[1]
+        if form == "gathered":
+            scales = gs.Variable(self.names(f"{name}_row_scales"), np.float32)
+            self.graph.nodes.append(gs.Node("Gather", self.names(f"{name}_scales"), {"axis": spec.axis},
+                                            [consts[1], node.inputs[1]], [scales]))
+        rows_f = gs.Variable(self.names(f"{name}_rows"), np.float32, out.shape)
+        self.graph.nodes.extend([
+            gs.Node("Cast", self.names(f"{name}_Cast"), {"to": onnx.TensorProto.FLOAT}, [rows], [rows_f]),
+            gs.Node("Mul", self.names(f"{name}_dequantize"), {}, [rows_f, scales], [out])])
 
     def _const(self, base: str, value: np.ndarray) -> gs.Constant:
         return gs.Constant(self.names(base), np.array(value))  # a copy; 0-d stays 0-d

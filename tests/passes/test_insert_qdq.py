@@ -44,15 +44,20 @@ TRT = QuantConfig(target=QuantTarget.TENSORRT)
 
 # ---------------------------------------------------------------- helpers
 
-def ort_ops(model: onnx.ModelProto) -> collections.Counter:
-    """Op histogram of the graph onnxruntime runs (ORT_ENABLE_ALL, its optimized model file)."""
+def ort_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph onnxruntime runs (ORT_ENABLE_ALL), read back from its optimized model file."""
     with tempfile.TemporaryDirectory() as d:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.optimized_model_filepath = os.path.join(d, "optimized.onnx")
         opts.log_severity_level = 3
         ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+        return onnx.load(opts.optimized_model_filepath)
+
+
+def ort_ops(model: onnx.ModelProto) -> collections.Counter:
+    """Op histogram of the graph onnxruntime runs."""
+    return collections.Counter(n.op_type for n in ort_optimized(model).graph.node)
 
 
 def minmax_ranges(model: onnx.ModelProto, batches, names) -> dict[str, TensorRange]:
