@@ -5,7 +5,7 @@ input x, the (K, K) matrix of its features' second moments, K being the features
 weight contracts: the last axis for MatMul/Gemm, the channel axis 1 for a 1x1 Conv
 (NCHW). Every other axis (batch, tokens, pixels) contributes rows. The model runs in
 onnxruntime with those tensors exposed as outputs, batch by batch (the same session
-and re-batching as ``collect``); each batch adds ``rows^T rows`` (float32 products,
+and batching as ``collect``); each batch adds ``rows^T rows`` (float32 products,
 float64 sums) and is dropped, so memory is K^2 per tensor, whatever the sample count.
 """
 
@@ -18,11 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from tqdm import tqdm
 
-from onnxopt import runtime
-from onnxopt.calibration.collect import Feeds, _check_tensors, _run, _stackable, _total, rebatch, with_outputs
+from onnxopt.calibration.collect import Feeds, _total, activations
 from onnxopt.config import CalibrationConfig
 from onnxopt.errors import DataError, UserError
 
@@ -74,18 +72,11 @@ def second_moments(
     progress: bool = False,
 ) -> dict[str, Moment]:
     """``Moment`` of each tensor in ``tensors`` (name -> feature axis) over ``data``."""
-    inputs = {vi.name for vi in runtime.real_inputs(model)}
-    _check_tensors(model, list(tensors), inputs)
-    outputs = [t for t in tensors if t not in inputs]
-    sess = runtime.session(with_outputs(model, outputs), optimization=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     moments = {t: Moment(t, axis) for t, axis in tensors.items()}
     seen, start = 0, time.perf_counter()
-    batches = rebatch(data, _stackable(model), config.batch_size, config.max_samples)
     with tqdm(total=_total(data, config.max_samples), unit="sample", desc="measuring layer inputs",
               disable=not progress) as bar:
-        for feeds, n in batches:
-            values = dict(zip(outputs, _run(sess, outputs, feeds)))
-            values.update((t, feeds[t]) for t in tensors if t in inputs)
+        for values, n in activations(model, data, list(tensors), config):
             for name, value in values.items():
                 moments[name].update(value, n)
             del values

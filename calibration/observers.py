@@ -139,16 +139,19 @@ class TensorStats:
             x = x.astype(np.float64)
         scale = x.dtype.type(n / self.hist_max)
         counts = np.zeros(2 * n + 3, np.int64)
-        buf, idx = np.empty(min(x.size, CHUNK), x.dtype), np.empty(min(x.size, CHUNK), np.int32)
+        size = min(x.size, CHUNK)
+        buf, idx, sign = np.empty(size, x.dtype), np.empty(size, np.int32), np.empty(size, f"u{x.itemsize}")
+        bits, sign_bit = buf.view(sign.dtype), sign.dtype.type(1 << (8 * x.itemsize - 1))
         for start in range(0, x.size, CHUNK):
-            part, ipart = buf[: min(CHUNK, x.size - start)], idx[: min(CHUNK, x.size - start)]
-            np.abs(x[start : start + CHUNK], out=part)
-            part *= scale
-            np.ceil(part, out=part)
-            np.copysign(part, x[start : start + CHUNK], out=part)  # -k for a negative value
-            part += n + 1
-            np.copyto(ipart, part, casting="unsafe")
-            counts += np.bincount(ipart, minlength=2 * n + 3)
+            part, m = x[start : start + CHUNK], min(CHUNK, x.size - start)
+            k, ik, sk = buf[:m], idx[:m], sign[:m]
+            np.abs(part, out=k)
+            k *= scale
+            np.ceil(k, out=k)
+            np.bitwise_and(part.view(sk.dtype), sign_bit, out=sk)  # -k for a negative value: copysign,
+            np.bitwise_or(bits[:m], sk, out=bits[:m])  # on the bits (np.copysign is four times slower)
+            np.add(k, n + 1, out=ik, casting="unsafe")
+            counts += np.bincount(ik, minlength=2 * n + 3)
         # Index n+1+k holds the values with ceil(|x| / w) = k, n+1-k the negative ones:
         # k = 0 the zeros (and values too small to tell from 0 at this scale), k >= 1
         # bin k-1, taken as the interval ((k-1) w, k w]. k = n+1 is |x| = hist_max

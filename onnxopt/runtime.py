@@ -35,12 +35,16 @@ def session(
     *,
     optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     threads: int = 0,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     """A CPU session from a model, its bytes or its path; models too large to serialize in
-    memory go through a temp file."""
+    memory go through a temp file. ``spinning=False``: idle intra-op threads sleep instead of
+    spinning, leaving the core to other work of the process."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = optimization
     opts.log_severity_level = 3
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
