@@ -27,13 +27,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from onnxopt import io
 from onnxopt.calibration.collect import collect
 from onnxopt.calibration.ranges import TensorRange, select_ranges
 from onnxopt.config import CalibrationConfig, CalibrationMethod
@@ -107,7 +107,7 @@ def save_ranges(
         "ranges": {n: {"min": float(r.min), "max": float(r.max), "nonfinite": int(r.nonfinite)}
                    for n, r in sorted(ranges.items())},
     }
-    _write_atomic(Path(path), json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    io.write_atomic(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
 
 
 def load_ranges(
@@ -141,17 +141,6 @@ def load_ranges(
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: calibration cache has a malformed range ({e})") from e
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Never a half-written cache: write beside it, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read(path: Path) -> dict:
