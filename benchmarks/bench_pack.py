@@ -64,10 +64,11 @@ def is_classifier(outputs: dict[str, np.ndarray]) -> bool:
 
 
 def settings_to_run(model, calib, ref0, args) -> list[tuple[str, callable]]:
+    """(label, a function giving (settings, input scales or None))."""
     names = packable(model, 1024)
-    runs = [("8 bits/tensor", lambda: {n: TensorSetting(8, 0.0, False) for n in names}),
-            ("6 bits/tensor", lambda: {n: TensorSetting(6, 0.0, False) for n in names}),
-            ("default", lambda: cli_pack.choose_settings(model)[0])]
+    runs = [("8 bits/tensor", lambda: ({n: TensorSetting(8, 0.0, False) for n in names}, None)),
+            ("6 bits/tensor", lambda: ({n: TensorSetting(6, 0.0, False) for n in names}, None)),
+            ("default", lambda: (cli_pack.choose_settings(model)[0], None))]
     for c in args.min_cosine:
         runs.append((f"cos>={c:g}", lambda c=c: _searched(model, calib, validate.Budget(lossy=True, min_cosine=c))))
     if is_classifier(ref0):
@@ -80,7 +81,7 @@ def _searched(model, calib, budget):
     settings, found, _ = cli_pack.choose_settings(model, samples=calib, budget=budget)
     if settings is None:
         raise RuntimeError(found.message())
-    return settings
+    return settings, found.scales
 
 
 def unpack_seconds(blob: bytes) -> float:
@@ -111,12 +112,12 @@ def bench(path: Path, args) -> None:
     for label, choose in settings_to_run(model, calib, ref[0], args):
         t = time.perf_counter()
         try:
-            settings = choose()
+            settings, scales = choose()
         except RuntimeError as e:
             print(f"  {label:<14} {e}")
             continue
         chosen = time.perf_counter() - t
-        blob, report = packing.pack(model, settings)
+        blob, report = packing.pack(model, settings, scales)
         unpacked = runtime.session(packing.unpack(blob))
         got = [runtime.run(unpacked, f) for f in test]
         check = validate.compare_runs(ref, unpacked, test, budget=validate.Budget(lossy=True))

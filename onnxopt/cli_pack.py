@@ -4,7 +4,8 @@
 so a codebook sees the weights that multiply the activations; parallel MatMuls are not
 merged, see ``lossless``), chooses a setting per weight
 (``choose_settings``: ``--bits``/``--sparsity`` for all, the budget search with ``--calibrate``,
-else Deep Compression's default policy), packs, unpacks again and compares what
+which may also share a weight divided by its input-channel scales measured on the samples,
+``packing.scales``; else Deep Compression's default policy), packs, unpacks again and compares what
 ``unpack`` gives with the original model in onnxruntime on ``--data`` (held out), else the
 calibration samples, else generated inputs. OUT is written, atomically, only if that
 comparison meets the budget. The report has the bytes of every tensor after each stage,
@@ -87,7 +88,7 @@ def choose_settings(model: onnx.ModelProto, *, bits: int | None = None, sparsity
     if samples is not None:
         if budget is None or not (budget.min_cosine is not None or budget.min_top1 is not None):
             raise UserError("--calibrate needs a budget: --min-cosine or --min-top1")
-        found = search(model, samples, budget, config or SearchConfig(), progress=progress)
+        found = search(model, samples, budget, config or SearchConfig(scaled=True), progress=progress)
         return found.settings, found, f"budget search by sensitivity ({found.budget.describe()} on the samples)"
     policy = Policy()
     if bits is None and sparsity is None:
@@ -130,7 +131,8 @@ def pack(argv: list[str]) -> int:
              "lossless_passes": optimized.passes, "settings_rule": rule, "search": found.facts() if found else None}
     check = None
     if settings is not None:
-        check = _pack_and_check(args, model, optimized.model, settings, budget, facts, timings, samples)
+        check = _pack_and_check(args, model, optimized.model, settings, budget, facts, timings, samples,
+                                found.scales if found else None)
     facts["compressors"] = compressed.result()
     _emit(args, facts, timings, t0)
     if settings is None:
@@ -175,10 +177,11 @@ def lossless(model: onnx.ModelProto) -> Optimized:
     return optimize_model(model, presets.pass_names("O1", skip=SKIPPED_PASSES))
 
 
-def _pack_and_check(args, model, optimized, settings, budget, facts, timings, samples) -> validate.ValidationReport:
+def _pack_and_check(args, model, optimized, settings, budget, facts, timings, samples, scales
+                    ) -> validate.ValidationReport:
     """Pack, unpack, compare with the original; write OUT if the budget holds."""
     t = time.perf_counter()
-    blob, packed = packing.pack(optimized, settings)
+    blob, packed = packing.pack(optimized, settings, scales)
     timings["pack"] = time.perf_counter() - t
     t = time.perf_counter()
     unpacked = packing.unpack(blob)
@@ -212,7 +215,7 @@ def _check_options(args) -> SearchConfig:
     if args.samples is not None and args.samples < 1:
         raise UserError("--samples must be at least 1")
     TensorSetting(8 if args.bits is None else args.bits, args.sparsity or 0.0)
-    return SearchConfig(margin=args.margin)
+    return SearchConfig(margin=args.margin, scaled=True)
 
 
 def _samples(args, model: onnx.ModelProto) -> list[dict] | None:

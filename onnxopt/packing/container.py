@@ -32,24 +32,27 @@ import enum
 import hashlib
 import json
 import logging
+import lzma
 import math
 import operator
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxopt.errors import UnsupportedModelError
-from onnxopt.io import check_output_path
+from onnxopt.io import check_output_path, write_atomic
 
 logger = logging.getLogger(__name__)
 
 MAGIC = b"\x89ONNXZ\r\n\x1a\n"
-VERSION = (1, 0)
-KNOWN_FLAGS = 0  # format 1.0 defines no flag; a set bit names a feature the reader must understand
+VERSION = (1, 1)  # the newest this module writes and reads; a file is written as the oldest it needs
+XZ_SKELETON = 1  # flag (1.1): the skeleton section holds u64 size | an xz stream of the skeleton
+ROW_GROUPS = 2  # flag (1.1): some records code their indices in row groups (``packing.groups``)
+KNOWN_FLAGS = XZ_SKELETON | ROW_GROUPS  # a set bit names a feature the reader must understand
+NEW_IN_1_1 = frozenset({3, 4})  # encoding ids a 1.0 reader does not know
 
 _HEAD = struct.Struct("<10sBBIQI")  # magic, major, minor, flags, file length, record count
 _U32 = struct.Struct("<I")
@@ -58,6 +61,8 @@ HEADER_SIZE = _HEAD.size + _U32.size
 DIGEST_SIZE = hashlib.sha256().digest_size
 _SECTION_OVERHEAD = _U64.size + _U32.size
 _MAX_NAME_IN_MESSAGE = 120
+_MAX_SKELETON = 1 << 31  # protobuf's limit for one message
+_XZ_MEMLIMIT = 1 << 28  # the decoder of preset 9 needs 65 MB; a hostile dictionary size is refused
 _MAX_NUMEL = 1 << 62  # dims whose product passes this are corrupt (and would overflow int64)
 
 # Magic numbers of files people hand us by mistake, for a more useful message.
@@ -70,6 +75,8 @@ class Encoding(enum.IntEnum):
     RAW = 0  # stored as it is: one stream "raw", the tensor's little-endian raw_data
     SHARED = 1  # k-means codebook + Huffman-coded centroid indices
     SPARSE_SHARED = 2  # SHARED for the non-zeros + Huffman-coded relative indices
+    SHARED_SCALED = 3  # SHARED times float32 input-channel multipliers (format 1.1)
+    SPARSE_SHARED_SCALED = 4  # SPARSE_SHARED times the same (format 1.1)
 
 
 _ENCODING_IDS = frozenset(int(e) for e in Encoding)
@@ -112,14 +119,29 @@ class Record:
         _check_meta(self.meta)
 
 
-def write(skeleton: bytes, records: Sequence[Record]) -> bytes:
-    """The .onnxz bytes for ``skeleton`` (a serialized ModelProto) and ``records``."""
+def write(skeleton: bytes, records: Sequence[Record], *, compress: bool = False, flags: int = 0) -> bytes:
+    """The .onnxz bytes for ``skeleton`` (a serialized ModelProto) and ``records``; with ``compress``,
+    the skeleton xz-compressed (flag ``XZ_SKELETON``) when that is smaller. ``flags`` adds the flags
+    of features the records use (``ROW_GROUPS``).
+
+    The version written is the oldest that has every feature used: 1.0 without the flag and
+    without encodings 3 and 4, so that such files stay byte-identical to 1.0 writers' files.
+    """
     names = [r.name for r in records]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate record names: {sorted({n for n in names if names.count(n) > 1})}")
-    sections = [_section([skeleton])] + [_section(_record_parts(r)) for r in records]
+    if flags & ~KNOWN_FLAGS or flags & XZ_SKELETON:
+        raise ValueError(f"flags {flags:#x}: only the records' features are given (XZ_SKELETON is compress)")
+    body = skeleton
+    if compress:
+        packed = _U64.pack(len(skeleton)) + lzma.compress(skeleton, check=lzma.CHECK_NONE,
+                                                            preset=9 | lzma.PRESET_EXTREME)
+        if len(packed) < len(skeleton):
+            flags, body = flags | XZ_SKELETON, packed
+    minor = 1 if flags or any(int(r.encoding) in NEW_IN_1_1 for r in records) else 0
+    sections = [_section([body])] + [_section(_record_parts(r)) for r in records]
     total = HEADER_SIZE + sum(len(p) for s in sections for p in s) + DIGEST_SIZE
-    head = _HEAD.pack(MAGIC, *VERSION, KNOWN_FLAGS, total, len(records))
+    head = _HEAD.pack(MAGIC, VERSION[0], minor, flags, total, len(records))
     parts = [head, _U32.pack(zlib.crc32(head))] + [p for s in sections for p in s]
     digest = hashlib.sha256()
     for p in parts:
@@ -136,7 +158,7 @@ def read(data: bytes | bytearray | memoryview) -> tuple[bytes, list[Record]]:
     buf = memoryview(data).cast("B")
     count, total = _read_header(buf)
     cur = _Cursor(buf, HEADER_SIZE, total - DIGEST_SIZE, "the file")
-    skeleton = bytes(_read_section(cur, "the skeleton model", None))
+    skeleton = _read_section(cur, "the skeleton model", None)
     records = [_parse_record(_read_section(cur, f"record #{i}", i), i) for i in range(count)]
     if cur.pos != cur.end:
         raise _corrupt(f"{cur.end - cur.pos} unexpected bytes after the last record")
@@ -147,7 +169,27 @@ def read(data: bytes | bytearray | memoryview) -> tuple[bytes, list[Record]]:
         if r.name in seen:
             raise _corrupt(f"two records named {_quote(r.name)}")
         seen.add(r.name)
-    return skeleton, records
+    flags = _HEAD.unpack(buf[: _HEAD.size])[3]
+    return (_decompress(skeleton) if flags & XZ_SKELETON else bytes(skeleton)), records
+
+
+def _decompress(body: memoryview) -> bytes:
+    """The skeleton of an ``XZ_SKELETON`` file: u64 size, then one xz stream of exactly that many bytes.
+    The output is capped at the stated size, so a hostile stream cannot make it larger."""
+    if len(body) < _U64.size:
+        raise _corrupt("the compressed skeleton has no size field")
+    size = _U64.unpack(body[: _U64.size])[0]
+    if size > _MAX_SKELETON:
+        raise _corrupt(f"the compressed skeleton states {size} bytes, more than a serialized ONNX model holds")
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
+    try:
+        out = decoder.decompress(bytes(body[_U64.size :]), max_length=size + 1)
+    except lzma.LZMAError as e:
+        raise _corrupt(f"the compressed skeleton does not decompress ({_first_line(e)})") from e
+    if len(out) != size or not decoder.eof or decoder.unused_data:
+        raise _corrupt(f"the compressed skeleton holds {len(out)} bytes{'' if decoder.eof else ' or more'}, "
+                       f"not the {size} its size field gives")
+    return out
 
 
 def read_file(path: str | os.PathLike) -> tuple[bytes, list[Record]]:
@@ -175,17 +217,7 @@ def write_file(path: str | os.PathLike, data: bytes, *, protect: str | os.PathLi
     """
     path = Path(path)
     check_output_path(path, protect=protect, force=force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, data)
 
 
 # --- writing -----------------------------------------------------------------------------------------------------

@@ -22,21 +22,24 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.packing.pack import Quantized, quantize_all
 from onnxopt.packing.policy import FLOAT_TYPES, TensorSetting
+from onnxopt.packing.scales import Scale
 
 logger = logging.getLogger(__name__)
 
 
-def codebook_gather(model: onnx.ModelProto, settings: Mapping[str, TensorSetting]) -> onnx.ModelProto:
+def codebook_gather(model: onnx.ModelProto, settings: Mapping[str, TensorSetting],
+                    scales: Mapping[str, Scale] | None = None) -> onnx.ModelProto:
     """``quantize_model``'s model with shared weights as uint8/uint16 indices + codebook + Gather (no decoder).
 
     Each weight ``w`` becomes ``Gather(codebook, Cast(indices, INT32) [+ channel offsets])``, its
     output named ``w``. Per channel, the codebook rows are flattened and a small int32 tensor
     of row offsets (broadcast along the channel axis) is added: one Gather, no GatherElements
     reshapes, and onnxruntime folds the whole chain at session creation (constant inputs).
-    Pruned weights index a 0.0 appended to each row. A weight stays dense when this form is not
-    smaller, or when it is also a graph input (overridable).
+    Pruned weights index a 0.0 appended to each row. A scaled weight (``scales``) adds a ``Mul``
+    by its multipliers (float32 only). A weight stays dense when this form is not smaller, or
+    when it is also a graph input (overridable).
     """
-    out, _, quantized = quantize_all(model, settings)
+    out, _, quantized = quantize_all(model, settings, scales)
     taken = _names(out)
     inputs = {i.name for i in model.graph.input}
     nodes, moved = [], set()
@@ -57,6 +60,8 @@ def codebook_gather(model: onnx.ModelProto, settings: Mapping[str, TensorSetting
 
 
 def _gather_form(t: TensorProto, q: Quantized, taken: set[str]) -> tuple[list, list] | None:
+    if q.scale is not None and t.data_type != TensorProto.FLOAT:
+        return None  # a float16 Mul would round the product once more than unpack does
     pruned = q.mask is not None
     sizes = q.sizes + pruned
     starts = np.cumsum(sizes) - sizes
@@ -74,20 +79,27 @@ def _gather_form(t: TensorProto, q: Quantized, taken: set[str]) -> tuple[list, l
         inits.append(numpy_helper.from_array(starts.astype(np.int32).reshape(shape), off))
         nodes.append(helper.make_node("Add", [wide, off], [flat], name=flat))
         wide = flat
-    nodes.append(helper.make_node("Gather", [cb, wide], [t.name], name=_fresh(f"{t.name}_gather", taken), axis=0))
+    out = _fresh(f"{t.name}_unscaled", taken) if q.scale is not None else t.name
+    nodes.append(helper.make_node("Gather", [cb, wide], [out], name=_fresh(f"{t.name}_gather", taken), axis=0))
+    if q.scale is not None:  # centroid times its input channel's multiplier, a float32 product as in unpack
+        mult = _fresh(f"{t.name}_scales", taken)
+        shape = [-1 if i == q.scale.axis else 1 for i in range(q.indices.ndim)]
+        inits.append(numpy_helper.from_array(q.scale.multipliers.reshape(shape), mult))
+        nodes.append(helper.make_node("Mul", [out, mult], [t.name], name=_fresh(f"{t.name}_scale", taken)))
     if sum(p.ByteSize() for p in inits + nodes) >= t.ByteSize():
         return None
     return inits, nodes
 
 
-def sparse_initializers(model: onnx.ModelProto, settings: Mapping[str, TensorSetting]) -> onnx.ModelProto:
+def sparse_initializers(model: onnx.ModelProto, settings: Mapping[str, TensorSetting],
+                        scales: Mapping[str, Scale] | None = None) -> onnx.ModelProto:
     """``quantize_model``'s model with pruned weights as ``graph.sparse_initializer`` (COO, int64 flat indices).
 
     Only where smaller than dense: int64 indices (the checker refuses narrower ones) cost 8
     bytes per kept float32 weight, so this pays above ~67% sparsity. onnxruntime densifies
     sparse initializers at load. onnx's strict shape inference does not know them.
     """
-    out, _, quantized = quantize_all(model, settings)
+    out, _, quantized = quantize_all(model, settings, scales)
     inputs = {i.name for i in model.graph.input}
     moved = set()
     for t in out.graph.initializer:

@@ -9,7 +9,12 @@ through, in ``quantize_model`` and ``pack`` alike:
         ->  [pack only] symbols, relative-index gaps with fillers, Huffman blobs, container record
 
 Per-channel codebooks split along the weight's output-channel axis, decided by its consumer
-(``policy.find_weights``).
+(``policy.find_weights``). A ``scaled`` setting shares ``w / r`` instead on a grid through zero
+(``sharing.zero_grid``), ``r`` the weight's input-channel multipliers (``packing.scales``, the
+``scales`` argument), and rebuilds ``centroid * r`` in float32: encodings SHARED_SCALED and
+SPARSE_SHARED_SCALED, with a ``scales`` stream and ``scale_axis``. Dense indices may be coded
+in row groups (``packing.groups``); the skeleton is xz-compressed when that is smaller
+(format 1.1, ``container``).
 
 Bit-exactness: ``quantize_model`` and ``unpack`` both rebuild weights with ``_rebuild`` from
 (codebook rows, indices, mask), so ``unpack(pack(m, s))`` equals ``quantize_model(m, s)``
@@ -50,13 +55,15 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.errors import UnsupportedModelError, UserError
-from onnxopt.packing import container, huffman, sharing, sparse
+from onnxopt.packing import container, groups, huffman, sharing, sparse
 from onnxopt.packing.container import Encoding, Record
 from onnxopt.packing.policy import FLOAT_TYPES, TensorSetting, find_weights
+from onnxopt.packing.scales import Scale
 
 logger = logging.getLogger(__name__)
 
 INDEX_BITS = range(1, 13)  # relative-index widths tried for each sparse tensor
+_SCALED = {Encoding.SHARED: Encoding.SHARED_SCALED, Encoding.SPARSE_SHARED: Encoding.SPARSE_SHARED_SCALED}
 _DATA_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data",
                 "external_data", "data_location")
 _NOT_RAW = {TensorProto.STRING, *(getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
@@ -86,45 +93,52 @@ class Quantized:
     axis: int | None
     bits: int
     values: np.ndarray  # float32 rebuilt weights
+    scale: Scale | None = None  # input-channel multipliers the centroids are multiplied by
 
 
 def quantize_model(
-    model: onnx.ModelProto, settings: Mapping[str, TensorSetting]
+    model: onnx.ModelProto, settings: Mapping[str, TensorSetting], scales: Mapping[str, Scale] | None = None
 ) -> tuple[onnx.ModelProto, dict[str, TensorStats]]:
     """``model`` with each set weight pruned and shared: the exact values ``unpack(pack(model, settings))`` gives."""
-    out, stats, _ = quantize_all(model, settings)
+    out, stats, _ = quantize_all(model, settings, scales)
     return out, stats
 
 
-def quantize_all(model: onnx.ModelProto, settings: Mapping[str, TensorSetting]
+def quantize_all(model: onnx.ModelProto, settings: Mapping[str, TensorSetting],
+                 scales: Mapping[str, Scale] | None = None
                  ) -> tuple[onnx.ModelProto, dict[str, TensorStats], dict[str, Quantized]]:
     """``quantize_model``, and each shared tensor's ``Quantized`` by name."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     stats, done = {}, {}
-    for i, t, setting, axis in _plan(model, settings):
+    for i, t, setting, axis in _plan(model, settings, scales):
         if setting.bits is None:
             out.graph.initializer[i].CopyFrom(_filled(t, _raw(t)))
             n = math.prod(t.dims)
             stats[t.name] = TensorStats(Encoding.RAW, n, n, None, None, 0, 0.0)
             continue
         w = numpy_helper.to_array(t).astype(np.float32)
-        q = done[t.name] = quantize_tensor(w, setting, axis, t.name)
+        q = done[t.name] = quantize_tensor(w, setting, axis, t.name, (scales or {}).get(t.name))
         values = q.values.astype(FLOAT_TYPES[t.data_type])
         out.graph.initializer[i].CopyFrom(_filled(t, _le_bytes(values)))
         norm = float(np.linalg.norm(w.ravel()))
         err = float(np.linalg.norm((values.astype(np.float32) - w).ravel()))
         kept = w.size if q.mask is None else int(np.count_nonzero(q.mask))
-        stats[t.name] = TensorStats(Encoding.SHARED if q.mask is None else Encoding.SPARSE_SHARED, w.size, kept,
+        encoding = Encoding.SHARED if q.mask is None else Encoding.SPARSE_SHARED
+        stats[t.name] = TensorStats(_SCALED[encoding] if q.scale else encoding, w.size, kept,
                                     q.bits, axis, int(q.sizes.sum()), err / norm if norm else float(err > 0))
     return out, stats, done
 
 
-def _plan(model: onnx.ModelProto, settings: Mapping[str, TensorSetting]) -> list[tuple]:
+def _plan(model: onnx.ModelProto, settings: Mapping[str, TensorSetting],
+          scales: Mapping[str, Scale] | None = None) -> list[tuple]:
     """(index, tensor, setting, channel axis or None) of each set initializer, in initializer order."""
     unknown = sorted(set(settings) - {t.name for t in model.graph.initializer})
     if unknown:
         raise UserError(f"no initializer named {unknown[0]!r} in the main graph ({len(unknown)} unknown names)")
+    unscaled = sorted(n for n, s in settings.items() if s.scaled and n not in (scales or {}))
+    if unscaled:
+        raise UserError(f"{unscaled[0]!r}: a scaled setting needs the weight's input scales")
     weights = find_weights(model)
     plan = []
     for i, t in enumerate(model.graph.initializer):
@@ -143,8 +157,11 @@ def _plan(model: onnx.ModelProto, settings: Mapping[str, TensorSetting]) -> list
     return plan
 
 
-def quantize_tensor(w: np.ndarray, setting: TensorSetting, axis: int | None, name: str = "weights") -> Quantized:
+def quantize_tensor(w: np.ndarray, setting: TensorSetting, axis: int | None, name: str = "weights",
+                    scale: Scale | None = None) -> Quantized:
     """``w`` (float32) pruned and shared per ``setting``, per channel along ``axis`` (None: per tensor)."""
+    if setting.scaled:
+        return _quantize_scaled(w, setting, axis, scale, name)
     try:
         mask = sharing.prune(w, setting.sparsity) if setting.sparsity > 0 else None
         mask = None if mask is not None and mask.all() else mask
@@ -158,9 +175,37 @@ def quantize_tensor(w: np.ndarray, setting: TensorSetting, axis: int | None, nam
     return Quantized(codebook, sizes, shared.indices, mask, axis, setting.bits, values)
 
 
+def _quantize_scaled(w: np.ndarray, setting: TensorSetting, axis: int | None, scale: Scale | None,
+                     name: str) -> Quantized:
+    """``w / r`` pruned (by that magnitude) and put on ``sharing.zero_grid``; rebuilt times ``r``."""
+    if scale is None:
+        raise UserError(f"{name!r}: a scaled setting needs the weight's input scales")
+    r = np.asarray(scale.multipliers)
+    if not (0 <= scale.axis < w.ndim and r.dtype == np.float32 and r.shape == (w.shape[scale.axis],)
+            and np.isfinite(r).all() and (r > 0).all()):
+        raise UserError(f"{name!r}: input scales must be {w.shape[scale.axis] if 0 <= scale.axis < w.ndim else '?'} "
+                        "positive finite float32 values along an axis of the weight")
+    v = (w.astype(np.float32) / _along(r, scale.axis, w.ndim)).astype(np.float32)
+    try:
+        mask = sharing.prune(v, setting.sparsity) if setting.sparsity > 0 else None
+        mask = None if mask is not None and mask.all() else mask
+        codebook, sizes, indices = sharing.zero_grid(v, setting.bits, axis=axis, mask=mask)
+    except UnsupportedModelError as e:  # NaN or infinity
+        raise UnsupportedModelError(f"{name!r}: {e}") from e
+    values = _rebuild(codebook, sizes, indices, mask, axis, scale)
+    return Quantized(codebook, sizes, indices, mask, axis, setting.bits, values, scale)
+
+
+def _along(v: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
 def _rebuild(codebook: np.ndarray, sizes: np.ndarray, indices: np.ndarray, mask: np.ndarray | None,
-             axis: int | None) -> np.ndarray:
-    """float32 weights: a kept weight is its row's centroid (as ``sharing.reconstruct``), a pruned one +0.0."""
+             axis: int | None, scale: Scale | None = None) -> np.ndarray:
+    """float32 weights: a kept weight is its row's centroid (as ``sharing.reconstruct``) times its input
+    channel's multiplier, if any; a pruned one +0.0."""
     if axis is None:
         if indices.size and int(indices.max()) >= sizes[0]:
             raise _corrupt(f"centroid index {int(indices.max())} past a codebook of {sizes[0]}")
@@ -173,34 +218,45 @@ def _rebuild(codebook: np.ndarray, sizes: np.ndarray, indices: np.ndarray, mask:
         out = codebook.take(indices + (np.cumsum(sizes) - sizes).reshape(shape))
     if mask is not None:
         out[~mask] = 0.0
+    if scale is not None:
+        out *= _along(scale.multipliers, scale.axis, out.ndim)  # float32 products: the same on both sides
     return out
 
 
-def pack(model: onnx.ModelProto, settings: Mapping[str, TensorSetting]) -> tuple[bytes, dict]:
-    """The .onnxz bytes of ``model`` with ``settings``, and the report (``_report``)."""
+def pack(model: onnx.ModelProto, settings: Mapping[str, TensorSetting],
+         scales: Mapping[str, Scale] | None = None) -> tuple[bytes, dict]:
+    """The .onnxz bytes of ``model`` with ``settings`` (and the ``scales`` scaled settings use), and the
+    report (``_report``)."""
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
     records, rows = [], {}
-    for i, t, setting, axis in _plan(model, settings):
-        records.append(_encode(t, setting, axis))
+    for i, t, setting, axis in _plan(model, settings, scales):
+        records.append(_encode(t, setting, axis, (scales or {}).get(t.name)))
         rows[t.name] = _stages(t, records[-1])
         logger.debug("%s: %s, %d bytes", t.name, records[-1].encoding.name, rows[t.name]["huffman_bytes"])
         skeleton.graph.initializer[i].CopyFrom(_placeholder(t))
-    data = container.write(skeleton.SerializeToString(), records)
+    grouped = container.ROW_GROUPS if any("groups" in r.meta for r in records) else 0
+    data = container.write(skeleton.SerializeToString(), records, compress=True, flags=grouped)
     return data, _report(rows, len(data), model.ByteSize())
 
 
-def _encode(t: TensorProto, setting: TensorSetting, axis: int | None) -> Record:
+def _encode(t: TensorProto, setting: TensorSetting, axis: int | None, scale: Scale | None = None) -> Record:
     dims = tuple(t.dims)
     if setting.bits is None:
         return Record(t.name, t.data_type, dims, Encoding.RAW, {}, {"raw": _raw(t)})
-    q = quantize_tensor(numpy_helper.to_array(t).astype(np.float32), setting, axis, t.name)
+    q = quantize_tensor(numpy_helper.to_array(t).astype(np.float32), setting, axis, t.name, scale)
     alphabet = 1 << q.bits
     meta = {"bits": q.bits, **({} if axis is None else {"axis": axis})}
     streams = {"codebook": _le_bytes(q.codebook), "codebook_sizes": huffman.encode(q.sizes - 1, alphabet)}
+    if q.scale is not None:
+        meta["scale_axis"] = q.scale.axis
+        streams["scales"] = _le_bytes(q.scale.multipliers)
     if q.mask is None:
-        streams["indices"] = huffman.encode(q.indices, alphabet)
-        return Record(t.name, t.data_type, dims, Encoding.SHARED, meta, streams)
+        grouped, count = groups.encode(q.indices, alphabet)
+        streams |= grouped
+        meta |= {"groups": count} if count > 1 else {}
+        return Record(t.name, t.data_type, dims, _SCALED[Encoding.SHARED] if q.scale else Encoding.SHARED,
+                      meta, streams)
     index_bits = _choose_index_bits(q)
     gaps, values = sparse.to_streams(q.indices, q.mask, index_bits, alphabet)
     tail = (q.mask.size - 1 - _last_kept(q.mask)) >> index_bits
@@ -209,7 +265,8 @@ def _encode(t: TensorProto, setting: TensorSetting, axis: int | None) -> Record:
     streams["gaps"] = huffman.encode(gaps, 1 << index_bits)
     streams["indices"] = huffman.encode(values, alphabet + 1)
     meta |= {"index_bits": index_bits, "entries": len(gaps), "kept": int(np.count_nonzero(q.mask))}
-    return Record(t.name, t.data_type, dims, Encoding.SPARSE_SHARED, meta, streams)
+    encoding = _SCALED[Encoding.SPARSE_SHARED] if q.scale else Encoding.SPARSE_SHARED
+    return Record(t.name, t.data_type, dims, encoding, meta, streams)
 
 
 def _last_kept(mask: np.ndarray) -> int:
@@ -246,7 +303,8 @@ def _stages(t: TensorProto, r: Record) -> dict:
         entries, index_bits = r.meta.get("entries", numel), r.meta.get("index_bits", 0)
         width = r.meta["bits"] + (index_bits > 0)  # the filler widens a fixed-width index by a bit
         row["pruned_bytes"] = -(-entries * (8 * itemsize + index_bits) // 8)
-        row["shared_bytes"] = -(-entries * (width + index_bits) // 8) + len(r.streams["codebook"])
+        row["shared_bytes"] = -(-entries * (width + index_bits) // 8) + len(r.streams["codebook"]) + len(
+            r.streams.get("scales", b""))
     return row | {"huffman_bytes": size, "bits_per_weight": 8 * size / numel, "ratio": row["original_bytes"] / size}
 
 
@@ -287,12 +345,16 @@ def _decode(r: Record) -> bytes:
         raise _corrupt(f"record {r.name!r}: a shared tensor of data type {r.data_type}")
     bits = _meta_int(r, "bits", 1, sharing.MAX_BITS)
     axis = _meta_int(r, "axis", 0, len(r.dims) - 1) if "axis" in r.meta else None
+    scale = _decode_scales(r) if r.encoding in _SCALED.values() else None
     codebook, sizes = _decode_codebook(r, bits, 1 if axis is None else r.dims[axis])
-    if r.encoding is Encoding.SHARED:
+    if r.encoding in (Encoding.SHARED, Encoding.SHARED_SCALED) and "groups" in r.meta:
+        count = _meta_int(r, "groups", 2, groups.MAX_GROUPS)
+        indices, mask = groups.decode(r.streams, r.dims, count, lambda s, n: _decode_blob(r, s, n)), None
+    elif r.encoding in (Encoding.SHARED, Encoding.SHARED_SCALED):
         indices, mask = _decode_blob(r, "indices", numel).reshape(r.dims), None
     else:
         indices, mask = _decode_sparse(r, numel, bits)
-    values = _rebuild(codebook, sizes, indices, mask, axis).astype(FLOAT_TYPES[r.data_type])
+    values = _rebuild(codebook, sizes, indices, mask, axis, scale).astype(FLOAT_TYPES[r.data_type])
     return _le_bytes(values)
 
 
@@ -303,6 +365,18 @@ def _decode_raw(r: Record, numel: int) -> bytes:
     if len(raw) != numel * np.dtype(helper.tensor_dtype_to_np_dtype(r.data_type)).itemsize:
         raise _corrupt(f"record {r.name!r}: {len(raw)} raw bytes for {numel} elements")
     return raw
+
+
+def _decode_scales(r: Record) -> Scale:
+    axis = _meta_int(r, "scale_axis", 0, len(r.dims) - 1) if r.dims else -1
+    raw = _stream(r, "scales")
+    if axis < 0 or len(raw) != 4 * r.dims[axis]:
+        raise _corrupt(f"record {r.name!r}: {len(raw)} bytes of scales for {r.dims[axis] if axis >= 0 else 0} "
+                       "channels")
+    multipliers = np.frombuffer(raw, "<f4").astype(np.float32)
+    if not (np.isfinite(multipliers).all() and (multipliers > 0).all()):
+        raise _corrupt(f"record {r.name!r}: the scales must be positive and finite")
+    return Scale(axis, multipliers)
 
 
 def _decode_codebook(r: Record, bits: int, rows: int) -> tuple[np.ndarray, np.ndarray]:

@@ -59,12 +59,17 @@ class TensorSetting:
     ``iters`` is the number of Lloyd steps of the k-means; 0 keeps its linear initialisation,
     a uniform grid from the smallest to the largest weight, which Huffman coding favours: the
     outer levels are rare, so they cost few bits (``search`` uses it).
+
+    ``scaled`` shares ``w / r`` instead, ``r`` the weight's input-channel multipliers
+    (``packing.scales``, given to ``pack`` beside the settings), on a uniform grid through
+    zero with ``2**bits`` levels over the range (``iters`` unused), per tensor or per channel.
     """
 
     bits: int | None
     sparsity: float = 0.0
     per_channel: bool = True
     iters: int = sharing.DEFAULT_ITERS
+    scaled: bool = False
 
     def __post_init__(self) -> None:
         if self.bits is not None and not 1 <= self.bits <= sharing.MAX_BITS:
@@ -75,6 +80,8 @@ class TensorSetting:
             raise UserError("pruning needs weight sharing: give bits with a sparsity")
         if self.iters < 0:
             raise UserError(f"k-means iterations must be at least 0, got {self.iters}")
+        if self.scaled and self.bits is None:
+            raise UserError("input-channel scales need weight sharing: give bits")
 
 
 @dataclass(frozen=True)
@@ -161,8 +168,49 @@ class Candidates:
 
 
 def candidates(values: np.ndarray, weight: Weight, bits: Sequence[int], sparsities: Sequence[float],
-               estimate_values: int = 1 << 18) -> Candidates:
-    """Every uniform-grid setting of one float32 weight with its estimated error and bytes (module docstring)."""
+               estimate_values: int = 1 << 18, multipliers: np.ndarray | None = None) -> Candidates:
+    """Every uniform-grid setting of one float32 weight with its estimated error and bytes (module docstring);
+    with ``multipliers`` (``values`` divided by them, as ``pack`` shares a scaled setting), the scaled
+    settings too, per tensor, their error relative in the divided values."""
+    found = _unscaled(values, weight, bits, sparsities, estimate_values)
+    if multipliers is None:
+        return found
+    scaled = _scaled(values / multipliers, bits, sparsities, estimate_values, 4.0 * multipliers.size)
+    return Candidates(found.settings + scaled.settings, np.concatenate([found.errors, scaled.errors]),
+                      np.concatenate([found.sizes, scaled.sizes]))
+
+
+def _scaled(v: np.ndarray, bits: Sequence[int], sparsities: Sequence[float], estimate_values: int,
+            extra_bytes: float) -> Candidates:
+    """Scaled per-tensor settings of the divided weights ``v``: ``sharing.zero_grid`` on a sample."""
+    flat = v.ravel().astype(np.float64)
+    norm2 = float(np.dot(flat, flat)) or 1.0
+    stride = -(-flat.size // estimate_values)
+    settings, errors, sizes = [], [], []
+    for sparsity in sparsities:
+        mask = sharing.prune(v, sparsity) if sparsity > 0 else np.ones(v.shape, bool)
+        kept = flat[mask.ravel()]
+        pruned2 = norm2 - float(np.dot(kept, kept)) if sparsity > 0 else 0.0
+        gap_bytes, fillers = _gap_cost(mask)
+        lo, hi = (float(kept.min()), float(kept.max())) if kept.size else (0.0, 0.0)
+        sample, scale = kept[::stride], kept.size / max(len(kept[::stride]), 1)
+        for b in bits:
+            span = hi - lo
+            step = span / max((1 << b) - 2, 1) if span > 0 else (abs(hi) or 1.0)
+            level = np.rint(sample / step)
+            err2 = float(np.sum((sample - level * step) ** 2)) * scale
+            counts = np.rint(np.bincount((level - round(lo / step)).astype(np.int64).clip(0)) * scale)
+            counts = counts.astype(np.int64)
+            used = int(np.count_nonzero(counts)) if stride == 1 else min(kept.size, 1 << b)
+            index = huffman.estimate_size(np.append(counts, fillers) if fillers else counts)
+            settings.append(TensorSetting(b, sparsity, False, iters=0, scaled=True))
+            errors.append(math.sqrt((pruned2 + err2) / norm2))
+            sizes.append(index + gap_bytes + 4.0 * used + extra_bytes + 2)
+    return Candidates(settings, np.array(errors), np.array(sizes, dtype=np.float64))
+
+
+def _unscaled(values: np.ndarray, weight: Weight, bits: Sequence[int], sparsities: Sequence[float],
+              estimate_values: int) -> Candidates:
     rows = _rows(values, weight.axis)
     stride = -(-rows.size // estimate_values)  # every stride-th weight: each row's columns evenly
     norm2 = float(np.dot(values.ravel().astype(np.float64), values.ravel())) or 1.0

@@ -127,6 +127,47 @@ def share(
     return Shared(codebook[0] if axis is None else codebook, indices, keep, axis, bits)
 
 
+def zero_grid(
+    weights: np.ndarray, bits: int, *, axis: int | None = None, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kept weights on a uniform grid through zero, per tensor or per slice along ``axis``.
+
+    A row's step is ``(hi - lo) / max(2**bits - 2, 1)`` over its kept values, so the levels
+    ``round(v / step)`` from ``round(lo / step)`` to ``round(hi / step)`` are at most ``2**bits``
+    and zero is one of them (a row of one value ``c`` takes step ``|c|``, or 1 for zeros:
+    exact). Returns (codebook: each row's used levels ``float32(step * level)`` ascending, the
+    rows one after another; centroids per row; row-local indices, uint8 up to 8 bits else
+    uint16, 0 where pruned).
+    """
+    if not 1 <= bits <= MAX_BITS:
+        raise UserError(f"bits must be between 1 and {MAX_BITS}, got {bits}")
+    w = _as_float32(weights)
+    keep = np.ones(w.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    if axis is not None:
+        axis = _normalize_axis(axis, w.ndim)
+    _check_finite(w[keep])
+    rows, kept = _to_rows(w, axis).astype(np.float64), _to_rows(keep, axis)
+    lo = np.min(rows, axis=1, where=kept, initial=np.inf)
+    hi = np.max(rows, axis=1, where=kept, initial=-np.inf)
+    lo, hi = np.where(kept.any(axis=1), lo, 0.0), np.where(kept.any(axis=1), hi, 0.0)
+    span = hi - lo
+    step = np.where(span > 0, span / max((1 << bits) - 2, 1), np.where(hi != 0, np.abs(hi), 1.0))
+    first = np.rint(lo / step).astype(np.int64)
+    local = np.where(kept, np.rint(rows / step[:, None]).astype(np.int64) - first[:, None], 0)
+    width = 1 << bits
+    used = np.zeros((len(rows), width), dtype=bool)
+    r_idx = np.broadcast_to(np.arange(len(rows))[:, None], rows.shape)
+    used[r_idx[kept], local[kept]] = True
+    used[~kept.any(axis=1), 0] = True  # a row with nothing kept keeps one level, 0.0 (as ``share`` pads)
+    rank = np.cumsum(used, axis=1) - 1
+    sizes = np.count_nonzero(used, axis=1).astype(np.int64)
+    r, j = np.nonzero(used)
+    codebook = (step[r] * (first[r] + j)).astype(np.float32)
+    labels = np.where(kept, np.take_along_axis(rank, local, axis=1), 0)
+    indices = _from_rows(labels.astype(np.uint8 if bits <= 8 else np.uint16), w.shape, axis)
+    return codebook, sizes, indices
+
+
 def reconstruct(shared: Shared) -> np.ndarray:
     """float32 weights: each kept weight is its centroid, bit for bit; each pruned one is +0.0."""
     _check_shared(shared)

@@ -14,6 +14,8 @@ from onnxopt.packing.policy import Kind, Weight, candidates, find_weights
 from onnxopt.packing.policy import TensorSetting as S
 from tests import graphs
 
+TOP = max(SR.SearchConfig().bits)  # the finest grid, checked first
+
 BUDGET = validate.Budget(lossy=True, min_cosine=0.99)
 CONFIG = SR.SearchConfig()
 
@@ -60,7 +62,7 @@ def test_meets_the_stricter_budget_and_beats_8_bits(model, found):
     eight = {name: S(8, 0.0, False) for name in found.settings}
     assert len(P.pack(model, found.settings)[0]) < 0.8 * len(P.pack(model, eight)[0])
     assert len({s.bits for s in found.settings.values()}) > 1  # not one width for all
-    assert found.checks[0]["bits"] == 10 and found.checks[0]["passed"]
+    assert found.checks[0]["bits"] == TOP and found.checks[0]["passed"]
 
 
 def test_returns_only_a_setting_that_passed_its_check(model, monkeypatch):
@@ -84,21 +86,21 @@ def test_every_check_failing_but_the_finest_returns_the_finest(model, monkeypatc
     monkeypatch.setattr(SR._Runner, "check", lambda self, settings, **facts: check(self, settings, **facts) and
                         "bits" in facts)  # only the first check, every weight at its finest, passes
     result = SR.search(model, samples(), BUDGET)
-    assert result.met and {s.bits for s in result.settings.values()} == {10}
+    assert result.met and {s.bits for s in result.settings.values()} == {TOP}
     assert result.settings == dict(zip(result.settings, (
-        min(((b, s) for b, s in zip(t.sizes, t.settings) if s.bits == 10 and not s.sparsity), key=lambda p: p[0])[1]
+        min(((b, s) for b, s in zip(t.sizes, t.settings) if s.bits == TOP and not s.sparsity), key=lambda p: p[0])[1]
         for t in result.tensors)))
 
 
 def test_an_impossible_budget_returns_nothing_and_says_why():
-    """4 channels of 4096 weights: even a 10-bit grid moves the output a little."""
+    """4 channels of 4096 weights: even the finest grid moves the output a little."""
     m = graphs.model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", np.float32, ["n", 4096])],
                      [("y", np.float32, ["n", 4])], [("w", graphs.rand(4096, 4, seed=9))])
     result = SR.search(m, [{"x": graphs.rand(8, 4096, seed=10)}], validate.Budget(lossy=True, min_cosine=1.0))
     assert not result.met and result.settings is None
     assert len(result.checks) == 1 and not result.tensors  # nothing measured after the finest setting missed
     assert "cannot meet the budget: cosine >= 1.0 on 8 calibration samples" in result.message()
-    assert "even with every weight at 10 bits (cosine 0.99999" in result.message()
+    assert f"even with every weight at {TOP} bits (cosine " in result.message()
 
 
 def test_estimates_match_the_packed_tensors(model):
