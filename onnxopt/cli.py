@@ -18,14 +18,15 @@ from onnxopt import (
     __version__,
     analysis,
     cli_lossy,
+    cli_pack,
     cli_weights,
-    data,
     io,
     presets,
     report,
-    runtime,
     validate,
 )
+from onnxopt import cli_common as common
+from onnxopt.cli_common import EXIT_BUG, EXIT_OK, EXIT_USAGE, EXIT_VALIDATION
 from onnxopt.config import (
     ActivationType,
     CalibrationConfig,
@@ -39,36 +40,11 @@ from onnxopt.optimizer import optimize_model
 
 logger = logging.getLogger("onnxopt")
 
-EXIT_OK, EXIT_VALIDATION, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 SUBCOMMANDS = ("validate", "pack", "unpack")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit 2 like every other user error."""
-
-    def error(self, message: str):
-        raise UserError(message)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", metavar="X.npz", help="sample inputs: .npz keyed by input name, first axis = samples "
-                   "(or a folder of them); default: generated from the input signature")
-    p.add_argument("--shape", action="append", default=[], metavar="NAME:1x3x224x224",
-                   help="concrete shape for an input with dynamic axes (repeatable)")
-    p.add_argument("--samples", type=int, metavar="N", help="use at most N samples of --data")
-    p.add_argument("--latency-repeat", type=int, default=20, metavar="N",
-                   help="runs per latency median (0: do not measure latency)")
-    p.add_argument("--min-cosine", type=float, metavar="C", help="accuracy budget: every float output keeps mean "
-                   "cosine >= C against the reference")
-    p.add_argument("--min-top1", type=float, metavar="A", help="accuracy budget: 2-D logits keep top-1 agreement "
-                   ">= A (a fraction, e.g. 0.99)")
-    p.add_argument("--report", metavar="R.json", help="write the report as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
-
-
 def optimize_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="onnxopt", description="Optimize an ONNX model and check it still computes the same thing. "
+    p = common.Parser(prog="onnxopt", description="Optimize an ONNX model and check it still computes the same thing. "
                 "Other commands: onnxopt validate A.onnx B.onnx; onnxopt pack IN.onnx -o OUT.onnxz; "
                 "onnxopt unpack IN.onnxz -o OUT.onnx")
     p.add_argument("input", metavar="IN.onnx")
@@ -92,7 +68,7 @@ def optimize_parser() -> argparse.ArgumentParser:
     _int8_options(p)
     _factorize_options(p)
     cli_weights.add_options(p)
-    _common(p)
+    common.common_options(p)
     return p
 
 
@@ -138,14 +114,14 @@ def _int8_options(p: argparse.ArgumentParser) -> None:
 
 
 def validate_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="onnxopt validate", description="Run two models in onnxruntime on the same inputs and "
+    p = common.Parser(prog="onnxopt validate", description="Run two models in onnxruntime on the same inputs and "
                 "report how far the second's outputs are from the first's.")
     p.add_argument("reference", metavar="A.onnx")
     p.add_argument("candidate", metavar="B.onnx")
     p.add_argument("--rtol", type=float, default=validate.LOSSLESS_RTOL,
                    help=f"pass if every output's relative L2 error is at most this "
                    f"(default {validate.LOSSLESS_RTOL:g})")
-    _common(p)
+    common.common_options(p)
     return p
 
 
@@ -155,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "validate":
             return _validate(validate_parser().parse_args(argv[1:]))
         if argv and argv[0] in ("pack", "unpack"):
-            from onnxopt import cli_pack  # it builds on this module's helpers
-
             return getattr(cli_pack, argv[0])(argv[1:])
         return _optimize(optimize_parser().parse_args(argv))
     except UserError as e:
@@ -175,81 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BUG
 
 
-def _setup_logging(args) -> None:
-    from onnx_graphsurgeon.logger import G_LOGGER
-
-    level = logging.ERROR if args.quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="onnxopt: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
-    G_LOGGER.severity = G_LOGGER.ERROR if args.verbose < 2 else G_LOGGER.INFO
-
-
-def _csv(text: str | None) -> list[str] | None:
-    return None if text is None else [s.strip() for s in text.split(",") if s.strip()]
-
-
-def _shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for spec in specs:
-        name, sep, dims = spec.rpartition(":")
-        try:
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            shape = ()
-        if not sep or not name or not shape or min(shape) < 0:
-            raise UserError(f"--shape {spec!r}: expected NAME:DxDxD, e.g. input:1x3x224x224")
-        shapes[name] = shape
-    return shapes
-
-
-def _feeds(args, model) -> tuple[list[dict], str]:
-    """Inputs for validation: --data, else the calibration samples (int8), else generated ones."""
-    shapes = _shapes(args.shape)
-    if args.samples is not None and args.samples < 1:
-        raise UserError("--samples must be at least 1")
-    if args.data:
-        return data.load_feeds(args.data, model, limit=args.samples), f"data: {args.data}"
-    if (getattr(args, "int8", False) or _factorizing(args) or getattr(args, "weight_form", None)) \
-            and args.calibrate:
-        feeds = data.load_feeds(args.calibrate, model, limit=args.samples or args.calibration_samples)
-        return feeds, f"calibration data {args.calibrate}, not held out: give --data for that"
-    return [runtime.random_feeds(model, shapes=shapes, seed=0)], "generated inputs"
-
-
-def _budget(args) -> validate.Budget:
-    for name in ("min_cosine", "min_top1"):
-        value = getattr(args, name)
-        if value is not None and not 0 <= value <= 1:
-            raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
-    max_rel_l2 = _output_max_error(args)
-    lossy = getattr(args, "int8", False) or _factorizing(args) or bool(getattr(args, "weight_form", None)) \
-        or args.min_cosine is not None or args.min_top1 is not None
-    rtol = getattr(args, "rtol", validate.LOSSLESS_RTOL)
-    return validate.Budget(rtol=rtol, lossy=lossy, min_cosine=args.min_cosine, min_top1=args.min_top1,
-                           max_rel_l2=max_rel_l2)
-
-
-def _output_max_error(args) -> float | None:
-    """--max-error as an output budget: without factorization, where it is the per-layer error instead.
-    With factorization and another lossy step both meanings fit: refused."""
-    value = getattr(args, "max_error", None)
-    if value is None:
-        return None
-    other = "--int8" if args.int8 else "--weight-form" if args.weight_form else None
-    if _factorizing(args):
-        if other:
-            raise UserError(f"--max-error with --factorize and {other} is ambiguous (the factorization's "
-                            "per-layer error or the output budget): give --min-cosine/--min-top1 for the budget")
-        return None
-    if other is None:
-        raise UserError("--max-error goes with --factorize (per-layer error), --int8 or --weight-form (budget)")
-    if not value > 0:
-        raise UserError(f"--max-error must be above 0, got {value}")
-    return value
-
-
 def _configs(args) -> tuple[str, list[str], OptimizeConfig]:
     preset = f"O{args.level}"
-    names = presets.pass_names("O1" if preset == "O2" else preset, _csv(args.passes), _csv(args.skip) or ())
+    names = presets.pass_names("O1" if preset == "O2" else preset, common.split_csv(args.passes),
+                               common.split_csv(args.skip) or ())
     target = Target(args.target)
     if args.int8:
         # A com.microsoft FusedConv cannot be quantized: the float part stays standard ONNX.
@@ -260,29 +163,25 @@ def _configs(args) -> tuple[str, list[str], OptimizeConfig]:
                             "--calibration-cache)")
     elif args.calibration_cache or args.sensitivity:
         raise UserError("--calibration-cache and --sensitivity go with --int8")
-    elif args.calibrate and not _factorizing(args) and not args.weight_form:
+    elif args.calibrate and not common.factorizing(args) and not args.weight_form:
         raise UserError("--calibrate goes with --int8, --factorize or -O2 (or --weight-form)")
-    cli_weights.check(args, _factorizing(args))
-    outputs = tuple(_csv(args.outputs)) if args.outputs else None
+    cli_weights.check(args, common.factorizing(args))
+    outputs = tuple(common.split_csv(args.outputs)) if args.outputs else None
     return preset, names, OptimizeConfig(target=target, outputs=outputs, opset=args.opset)
 
 
-def _factorizing(args) -> bool:
-    return bool(getattr(args, "factorize", False) or getattr(args, "level", None) == "2")
-
-
 def _optimize(args) -> int:
-    _setup_logging(args)
+    common.setup_logging(args)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     preset, names, config = _configs(args)
-    budget = _budget(args)
+    budget = common.budget(args)
     io.check_output_path(args.output, protect=args.input, force=args.force)
     if args.report:
         io.check_output_path(args.report, protect=args.input)
     model = io.load_model(args.input)
     needs_feeds = args.verify_each or not args.no_validate
-    feeds, source = _feeds(args, model) if needs_feeds else ([], "")
+    feeds, source = common.feeds(args, model) if needs_feeds else ([], "")
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -339,12 +238,12 @@ def _select_outputs(model, outputs: tuple[str, ...]):
 
 
 def _validate(args) -> int:
-    _setup_logging(args)
+    common.setup_logging(args)
     if args.report:
         io.check_output_path(args.report, protect=args.reference)
     a, b = io.load_model(args.reference), io.load_model(args.candidate)
-    feeds, source = _feeds(args, a)
-    check = validate.compare(a, b, feeds, source=source, budget=_budget(args), latency_repeat=args.latency_repeat)
+    feeds, source = common.feeds(args, a)
+    check = validate.compare(a, b, feeds, source=source, budget=common.budget(args), latency_repeat=args.latency_repeat)
     facts = {
         "onnxopt": __version__, "reference": args.reference, "candidate": args.candidate,
         "reference_size_bytes": io.file_size(args.reference), "candidate_size_bytes": io.file_size(args.candidate),

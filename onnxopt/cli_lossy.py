@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxopt import cli, cli_weights, data, factorize, quantize, sensitivity, validate
+from onnxopt import cli_common, cli_weights, data, factorize, quantize, sensitivity, validate
 from onnxopt.config import (
     ActivationType,
     CalibrationConfig,
@@ -43,7 +43,8 @@ def quantize_step(args, model, budget: validate.Budget, feeds: list[dict],
     target = QuantTarget.TENSORRT if args.target == Target.TENSORRT.value else QuantTarget.ONNXRUNTIME
     default_type = ActivationType.INT8 if target is QuantTarget.TENSORRT else ActivationType.UINT8
     activation = ActivationType(args.activation_type) if args.activation_type else default_type
-    qconfig = QuantConfig(activation_type=activation, target=target, exclude=tuple(cli._csv(args.exclude) or ()))
+    exclude = tuple(cli_common.split_csv(args.exclude) or ())
+    qconfig = QuantConfig(activation_type=activation, target=target, exclude=exclude)
     cconfig = CalibrationConfig(method=CalibrationMethod(args.calibration_method), percentile=args.percentile,
                                 max_samples=args.calibration_samples, symmetric=target is QuantTarget.TENSORRT)
     samples = data.iter_feeds(args.calibrate, model, limit=args.calibration_samples) if args.calibrate else iter(())
@@ -69,7 +70,7 @@ def tuning_feeds(args, model, feeds: list[dict], source: str) -> tuple[list[dict
             return feeds, source
         limit = args.calibration_samples
         return data.load_feeds(args.calibrate, model, limit=limit), f"calibration data {args.calibrate}"
-    feeds, source = (feeds, source) if feeds else cli._feeds(args, model)
+    feeds, source = (feeds, source) if feeds else cli_common.feeds(args, model)
     return feeds, f"{source}; no --calibrate, so not held out"
 
 
@@ -92,7 +93,7 @@ class Lossy:
 def run(args, result, budget: validate.Budget, feeds: list[dict], source: str, timings: dict) -> Lossy:
     """Factorization then int8 or a weight form, each on the previous step's model."""
     done = Lossy(result.model, result.data)
-    if cli._factorizing(args):
+    if cli_common.factorizing(args):
         t = time.perf_counter()
         done.factored = factorize_step(args, done.model, budget)
         done.model, done.data = done.factored.model, done.factored.data
@@ -105,7 +106,7 @@ def run(args, result, budget: validate.Budget, feeds: list[dict], source: str, t
     if args.weight_form:  # last: fold_constants would fold its Gathers back
         t = time.perf_counter()
         progress = not args.quiet and sys.stderr.isatty()
-        done.weights = cli_weights.apply(args, done.model, budget, cli._factorizing(args), progress)
+        done.weights = cli_weights.apply(args, done.model, budget, cli_common.factorizing(args), progress)
         done.model, done.data = done.weights.model, done.weights.data
         timings["weight_form"] = time.perf_counter() - t
     return done

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import onnx
 
-from onnxopt import __version__, cli, data, io, presets, report, runtime, validate
+from onnxopt import __version__, cli_common, data, io, presets, report, runtime, validate
 from onnxopt.errors import UnsupportedModelError, UserError, ValidationFailed
 from onnxopt.optimizer import Optimized, optimize_model
 from onnxopt.packing import container, native
@@ -48,7 +48,7 @@ SKIPPED_PASSES = ("merge_parallel",)  # see ``lossless``
 
 
 def pack_parser() -> argparse.ArgumentParser:
-    p = cli._Parser(prog="onnxopt pack", description="Prune, share (k-means) and Huffman-code the weights of an "
+    p = cli_common.Parser(prog="onnxopt pack", description="Prune, share (k-means) and Huffman-code the weights of an "
                     "ONNX model into an .onnxz file; onnxopt unpack gives back a standard ONNX model.")
     p.add_argument("input", metavar="IN.onnx")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnxz")
@@ -62,12 +62,12 @@ def pack_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=SearchConfig.margin, metavar="F", help="with --calibrate, the "
                    "budget checked on the samples is stricter: cosine >= 1 - F (1 - C) (default %(default)s)")
     p.add_argument("--force", action="store_true", help="allow writing over the input file")
-    cli._common(p)
+    cli_common.common_options(p)
     return p
 
 
 def unpack_parser() -> argparse.ArgumentParser:
-    p = cli._Parser(prog="onnxopt unpack", description="Turn an .onnxz file back into a standard ONNX model.")
+    p = cli_common.Parser(prog="onnxopt unpack", description="Turn an .onnxz file back into a standard ONNX model.")
     p.add_argument("input", metavar="IN.onnxz")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     p.add_argument("--force", action="store_true", help="allow writing over the input file")
@@ -112,7 +112,7 @@ def native_model(model: onnx.ModelProto, form: str, settings: dict[str, TensorSe
 def pack(argv: list[str]) -> int:
     """``onnxopt pack``; see the module docstring. Returns the exit code; errors propagate."""
     args = pack_parser().parse_args(argv)
-    cli._setup_logging(args)
+    cli_common.setup_logging(args)
     timings, t0 = {}, time.perf_counter()
     budget, config = _budget(args), _check_options(args)
     io.check_output_path(args.output, protect=args.input, force=args.force)
@@ -139,7 +139,7 @@ def pack(argv: list[str]) -> int:
         raise ValidationFailed(f"{found.message()}; {args.output} not written")
     if not check:
         raise ValidationFailed(f"{check.summary()}; {args.output} not written")
-    return cli.EXIT_OK
+    return cli_common.EXIT_OK
 
 
 class _Background:
@@ -200,7 +200,7 @@ def _pack_and_check(args, model, optimized, settings, budget, facts, timings, sa
 
 def _budget(args) -> Budget:
     """The user's budget; packing is lossy, so without one the numbers are reported and nothing fails."""
-    budget = replace(cli._budget(args), lossy=True)
+    budget = replace(cli_common.budget(args), lossy=True)
     if args.calibrate and budget.min_cosine is None and budget.min_top1 is None:
         budget = replace(budget, min_cosine=DEFAULT_MIN_COSINE)
     return budget
@@ -228,7 +228,7 @@ def _feeds(args, model: onnx.ModelProto, samples: list[dict] | None) -> tuple[li
         return data.load_feeds(args.data, model, limit=args.samples), f"data: {args.data}"
     if samples:
         return samples, f"calibration data {args.calibrate}, not held out: give --data for that"
-    return [runtime.random_feeds(model, shapes=cli._shapes(args.shape), seed=0)], "generated inputs"
+    return [runtime.random_feeds(model, shapes=cli_common.parse_shapes(args.shape), seed=0)], "generated inputs"
 
 
 def compressor_sizes(blob: bytes) -> dict[str, dict | str]:
@@ -306,7 +306,7 @@ def _render_search(s: dict) -> list[str]:
 def unpack(argv: list[str]) -> int:
     """``onnxopt unpack``: one line on success; corrupt input raises ``UnsupportedModelError`` (exit 2)."""
     args = unpack_parser().parse_args(argv)
-    cli._setup_logging(args)
+    cli_common.setup_logging(args)
     t0 = time.perf_counter()
     io.check_output_path(args.output, protect=args.input, force=args.force)
     path = Path(args.input)
@@ -325,4 +325,4 @@ def unpack(argv: list[str]) -> int:
         print(f"onnxopt unpack: {args.input} ({report._bytes(path.stat().st_size)}) -> {args.output} "
               f"({report._bytes(io.file_size(args.output))}), checked by onnx: PASS, "
               f"{time.perf_counter() - t0:.2f} s")
-    return cli.EXIT_OK
+    return cli_common.EXIT_OK
