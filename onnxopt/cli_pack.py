@@ -270,7 +270,7 @@ def render(facts: dict) -> str:
     if parts:
         lines.append("  the original file with " + ", ".join(parts))
     if facts.get("search"):
-        lines += ["", *_render_search(facts["search"])]
+        lines += ["", *render_search(facts["search"])]
     if facts.get("validation"):
         lines += ["", *report._render_validation(facts["validation"])]
     return "\n".join(lines)
@@ -292,7 +292,7 @@ def _render_tensors(packed: dict, top: int = 40) -> list[str]:
     return out
 
 
-def _render_search(s: dict) -> list[str]:
+def render_search(s: dict) -> list[str]:
     passed = [c for c in s["checks"] if c["passed"]]
     best = min(passed, key=lambda c: c["estimated_bytes"], default=None)
     line = (f"budget search ({s['budget_checked']} on {s['samples']} calibration samples, {s['seconds']:.1f} s): "

@@ -44,7 +44,7 @@ from onnxopt import cli_pack, data, io, report, sensitivity, validate
 from onnxopt.errors import InternalError, UnsupportedModelError, UserError
 from onnxopt.packing.pack import quantize_all
 from onnxopt.packing.policy import TensorSetting
-from onnxopt.packing.search import Scorer, SearchConfig, _Overridden
+from onnxopt.packing.search import Overridden, Scorer, SearchConfig
 from onnxopt.validate import Budget
 
 FORMS = {"codebook": "gather", "sparse": "sparse"}  # option value -> ``native_model`` form
@@ -166,7 +166,7 @@ class _Fed:
         return {n: v for n, v in self.values.items() if n not in skip}
 
     def score(self, weights: dict[str, np.ndarray]) -> sensitivity.Score:
-        fed = _Overridden(self.scorer.sess, {n: v.astype(self.scorer.dtypes[n]) for n, v in weights.items()})
+        fed = Overridden(self.scorer.sess, {n: v.astype(self.scorer.dtypes[n]) for n, v in weights.items()})
         report = validate.compare_runs(self.scorer.reference, fed, self.scorer.feeds, source=self.source,
                                        budget=self.budget)
         return sensitivity.score_of(report, self.scorer.floating)
@@ -276,7 +276,7 @@ def render(f: dict, top: int = 20) -> list[str]:
     if len(weights) > top:
         out.append(f"  ... {len(weights) - top} smaller weights in the JSON report")
     if f.get("search"):
-        out += cli_pack._render_search(f["search"])
+        out += cli_pack.render_search(f["search"])
     fb = f.get("fallback")
     if fb:
         kept = ", ".join(k["weight"] for k in fb["kept_in_float"][:5]) or "none"

@@ -193,7 +193,7 @@ class Scorer:
 
     def score(self, weights: dict[str, np.ndarray]) -> Score:
         """How the model does with ``weights`` fed instead of its own."""
-        sess = _Overridden(self.sess, {n: np.ascontiguousarray(v, dtype=self.dtypes[n]) for n, v in weights.items()})
+        sess = Overridden(self.sess, {n: np.ascontiguousarray(v, dtype=self.dtypes[n]) for n, v in weights.items()})
         report = validate.compare_runs(self.reference, sess, self.feeds, budget=replace(self.budget, min_top1=None))
         outs = [o for o in report.outputs if o.name in self.floating]
         cosine = min((o.cosine if math.isfinite(o.cosine) else -1.0 for o in outs), default=1.0)
@@ -210,7 +210,7 @@ class Scorer:
         return 1.0 - flips / self.stress
 
 
-class _Overridden:
+class Overridden:
     """``sess`` with ``weights`` added to every run's inputs: the part of a session ``compare_runs`` uses.
     Keeps what each run returned."""
 
