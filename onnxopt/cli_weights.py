@@ -220,32 +220,38 @@ def _weights(before: onnx.ModelProto, after: onnx.ModelProto, settings: dict[str
     sizes = {t.name: t.ByteSize() for t in before.graph.initializer}
     sparse = {s.values.name: s.ByteSize() for s in after.graph.sparse_initializer}
     floats = {**{n: "float (not smaller)" for n in settings if n not in applied}, **floats}
+    chain_bytes = _chain_bytes(after)
     out = {}
     for name in [*applied, *floats]:
         s = settings.get(name) if name in applied else None
         form = floats.get(name) or ("sparse" if name in sparse else "codebook")
-        after_bytes = sparse[name] if name in sparse else _chain_bytes(after, name) if s else sizes[name]
+        after_bytes = sparse[name] if name in sparse else chain_bytes(name) if s else sizes[name]
         out[name] = {"form": form, "bits": s.bits if form == "codebook" else None,
                      "per_channel": s.per_channel if form == "codebook" else None,
                      "sparsity": s.sparsity if s else 0.0, "bytes_before": sizes[name], "bytes_after": after_bytes}
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes_before"]))
 
 
-def _chain_bytes(model: onnx.ModelProto, name: str) -> int:
-    """Bytes of the initializers the nodes computing ``name`` read (codebook, indices, offsets)."""
+def _chain_bytes(model: onnx.ModelProto):
+    """``name -> bytes`` of the initializers the nodes computing ``name`` read (codebook, indices,
+    offsets); the graph is indexed once for all weights."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    inits = {t.name: t for t in model.graph.initializer}
-    seen, todo, total = set(), [name], 0
-    while todo:
-        x = todo.pop()
-        if x in seen:
-            continue
-        seen.add(x)
-        if x in inits:
-            total += inits[x].ByteSize()
-        elif x in producer:
-            todo.extend(producer[x].input)
-    return total
+    inits = {t.name: t.ByteSize() for t in model.graph.initializer}
+
+    def size(name: str) -> int:
+        seen, todo, total = set(), [name], 0
+        while todo:
+            x = todo.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            if x in inits:
+                total += inits[x]
+            elif x in producer:
+                todo.extend(producer[x].input)
+        return total
+
+    return size
 
 
 def _sizes(before: onnx.ModelProto, after: onnx.ModelProto, blob: bytes | None) -> dict:

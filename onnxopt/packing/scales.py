@@ -28,7 +28,7 @@ gets no scales (nor do Gather tables: their "inputs" are one-hot rows; a data-fr
 BERT's word embeddings by the LayerNorm after them would save ~0.05 bits per weight, less
 than the 4 bytes per row its float32 multipliers cost). The input has the weight's float type
 (the operators' type constraint). Moments are the mean of ``x_k^2`` over every sample and
-position, one float64 vector per input, from one onnxruntime session exposing those inputs.
+position, one float64 vector per input, from calibration's runs of the model (``collect.activations``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxopt import runtime
+from onnxopt.calibration.collect import activations
+from onnxopt.config import CalibrationConfig
 from onnxopt.packing.policy import FLOAT_TYPES
 
 logger = logging.getLogger(__name__)
@@ -107,21 +108,12 @@ def _site(node: onnx.NodeProto, x: str, w: str, dims: tuple[int, ...]) -> Site |
 
 def input_moments(model: onnx.ModelProto, feeds: Sequence[dict], tensors: Sequence[tuple[str, int]]
                   ) -> dict[str, np.ndarray]:
-    """``E[x_k^2]`` along each (tensor, axis), over every sample and position of ``feeds``."""
+    """``E[x_k^2]`` along each (tensor, axis), over every sample and position of ``feeds``; the
+    activations come from calibration's runs (batched, the tensors exposed without a model copy)."""
     names = list(dict.fromkeys(t for t, _ in tensors))
-    inputs = {vi.name for vi in runtime.real_inputs(model)}
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    listed = {o.name for o in model.graph.output}
-    exposed.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names
-                                if n not in inputs and n not in listed)
-    sess = runtime.session(exposed)
-    wanted = [n for n in names if n not in inputs]
     sums: dict[tuple[str, int], np.ndarray] = {}
     rows: dict[tuple[str, int], int] = {}
-    for f in feeds:
-        values = dict(zip(wanted, sess.run(wanted, f)))
-        values.update((n, f[n]) for n in names if n in inputs)
+    for values, _ in activations(model, feeds, names, CalibrationConfig()):
         for name, axis in tensors:
             x = np.moveaxis(np.asarray(values[name], np.float64), axis, -1)
             key = (name, axis)
