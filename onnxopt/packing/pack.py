@@ -55,7 +55,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.errors import UnsupportedModelError, UserError
-from onnxopt.packing import container, groups, huffman, sharing, sparse
+from onnxopt.packing import container, feedback, groups, huffman, sharing, sparse
 from onnxopt.packing.container import Encoding, Record
 from onnxopt.packing.policy import FLOAT_TYPES, TensorSetting, find_weights
 from onnxopt.packing.scales import Scale
@@ -189,7 +189,10 @@ def _quantize_scaled(w: np.ndarray, setting: TensorSetting, axis: int | None, sc
     try:
         mask = sharing.prune(v, setting.sparsity) if setting.sparsity > 0 else None
         mask = None if mask is not None and mask.all() else mask
-        codebook, sizes, indices = sharing.zero_grid(v, setting.bits, axis=axis, mask=mask)
+        choose = None
+        if scale.moment is not None and feedback.applies(w.shape):  # rows weighted by r: the inputs of v are x r
+            choose = feedback.rounder(v, scale.axis, scale.moment * np.outer(r, r), mask)
+        codebook, sizes, indices = sharing.zero_grid(v, setting.bits, axis=axis, mask=mask, rounder=choose)
     except UnsupportedModelError as e:  # NaN or infinity
         raise UnsupportedModelError(f"{name!r}: {e}") from e
     values = _rebuild(codebook, sizes, indices, mask, axis, scale)

@@ -29,12 +29,17 @@ BERT's word embeddings by the LayerNorm after them would save ~0.05 bits per wei
 than the 4 bytes per row its float32 multipliers cost). The input has the weight's float type
 (the operators' type constraint). Moments are the mean of ``x_k^2`` over every sample and
 position, one float64 vector per input, from calibration's runs of the model (``collect.activations``).
+
+With ``feedback``, the weights of ``feedback_sites`` (matrices: 2-D MatMul/Gemm weights, 1x1
+convolutions) also get the whole matrix ``E[x^T x]`` (``Scale.moment``, K^2 float64 per input,
+summed batch by batch as ``calibration.moments`` does), and their levels are then chosen with
+error feedback (``packing.feedback``) instead of rounded one by one.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,13 +47,16 @@ import onnx
 from onnx import helper
 
 from onnxopt.calibration.collect import activations
+from onnxopt.calibration.moments import Moment
 from onnxopt.config import CalibrationConfig
+from onnxopt.packing import feedback
 from onnxopt.packing.policy import FLOAT_TYPES
 
 logger = logging.getLogger(__name__)
 
 ALPHA = 0.5
 FLOOR = 1e-4
+MAX_FEEDBACK_FEATURES = 4096  # a (K, K) float64 moment per input: 128 MB at this K
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class Scale:
 
     axis: int
     multipliers: np.ndarray
+    moment: np.ndarray | None = None  # (K, K) E[x^T x] of the inputs along ``axis``: levels with error feedback
 
 
 def find_sites(model: onnx.ModelProto) -> dict[str, Site]:
@@ -106,40 +115,60 @@ def _site(node: onnx.NodeProto, x: str, w: str, dims: tuple[int, ...]) -> Site |
     return None
 
 
-def input_moments(model: onnx.ModelProto, feeds: Sequence[dict], tensors: Sequence[tuple[str, int]]
-                  ) -> dict[str, np.ndarray]:
-    """``E[x_k^2]`` along each (tensor, axis), over every sample and position of ``feeds``; the
+def input_moments(model: onnx.ModelProto, feeds: Sequence[dict], tensors: Sequence[tuple[str, int]],
+                  full: Collection[tuple[str, int]] = ()) -> dict[str, np.ndarray]:
+    """``E[x_k^2]`` along each (tensor, axis), over every sample and position of ``feeds``, keyed
+    ``tensor@axis``; for the pairs in ``full``, the whole matrix ``E[x^T x]`` instead. The
     activations come from calibration's runs (batched, the tensors exposed without a model copy)."""
     names = list(dict.fromkeys(t for t, _ in tensors))
     sums: dict[tuple[str, int], np.ndarray] = {}
     rows: dict[tuple[str, int], int] = {}
+    grams = {key: Moment(key[0], key[1]) for key in full}
     for values, _ in activations(model, feeds, names, CalibrationConfig()):
         for name, axis in tensors:
-            x = np.moveaxis(np.asarray(values[name], np.float64), axis, -1)
             key = (name, axis)
+            if key in grams:
+                grams[key].update(np.asarray(values[name]), 1)
+                continue
+            x = np.moveaxis(np.asarray(values[name], np.float64), axis, -1)
             sums[key] = sums.get(key, 0.0) + np.square(x).reshape(-1, x.shape[-1]).sum(axis=0)
             rows[key] = rows.get(key, 0) + x.size // max(x.shape[-1], 1)
-    return {f"{n}@{a}": sums[n, a] / max(rows[n, a], 1) for n, a in sums}
+    out = {f"{n}@{a}": sums[n, a] / max(rows[n, a], 1) for n, a in sums}
+    return out | {f"{n}@{a}": m.matrix for (n, a), m in grams.items() if m.total is not None}
 
 
-def scales(model: onnx.ModelProto, feeds: Sequence[dict], names: Sequence[str] | None = None) -> dict[str, Scale]:
-    """A ``Scale`` for each weight of ``find_sites`` (those in ``names``, if given) from ``feeds``."""
+def feedback_sites(model: onnx.ModelProto, names: Collection[str] | None = None) -> dict[str, Site]:
+    """The sites whose weights get levels with error feedback (``packing.feedback``): 2-D MatMul and
+    Gemm weights and 1x1 convolutions (not depthwise) of at most ``MAX_FEEDBACK_FEATURES`` inputs."""
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return {n: s for n, s in find_sites(model).items() if (names is None or n in names) and not s.repeat
+            and feedback.applies(dims[n]) and dims[n][s.axis] <= MAX_FEEDBACK_FEATURES}
+
+
+def scales(model: onnx.ModelProto, feeds: Sequence[dict], names: Sequence[str] | None = None,
+           *, feedback: bool = False) -> dict[str, Scale]:
+    """A ``Scale`` for each weight of ``find_sites`` (those in ``names``, if given) from ``feeds``; with
+    ``feedback``, those of ``feedback_sites`` also hold their input's second-moment matrix."""
     sites = find_sites(model)
     if names is not None:
         sites = {n: s for n, s in sites.items() if n in set(names)}
     if not sites or not feeds:
         return {}
-    moments = input_moments(model, feeds, [(s.tensor, s.input_axis) for s in sites.values()])
+    full = {(s.tensor, s.input_axis) for s in feedback_sites(model, sites).values()} if feedback else set()
+    moments = input_moments(model, feeds, [(s.tensor, s.input_axis) for s in sites.values()], full)
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
     out = {}
     for name, s in sites.items():
-        a = moments[f"{s.tensor}@{s.input_axis}"]
+        m = moments[f"{s.tensor}@{s.input_axis}"]
+        a = np.diag(m) if m.ndim == 2 else m
         if s.repeat:  # depthwise: output channel m reads input channel m // repeat
             a = a[np.arange(dims[name][0]) // s.repeat] if len(a) * s.repeat == dims[name][0] else None
         if a is None or len(a) != dims[name][s.axis] or not np.isfinite(a).all() or a.max() <= 0:
             continue
-        out[name] = Scale(s.axis, multipliers(a))
-    logger.info("input scales for %d of %d weights", len(out), len(sites))
+        moment = m if m.ndim == 2 and np.isfinite(m).all() else None
+        out[name] = Scale(s.axis, multipliers(a), moment)
+    logger.info("input scales for %d of %d weights (%d with error feedback)", len(out), len(sites),
+                sum(s.moment is not None for s in out.values()))
     return out
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,9 @@ DEFAULT_ITERS = 1000  # see the module docstring: enough for most tensors, not a
 _LUT_BINS = 1 << 16  # bins of the label lookup table; any size is exact, this one is fast
 _LUT_MIN_SIZE = 1 << 14  # below this a plain binary search per value is quicker
 _FEW_ROWS = 8  # up to this many rows, one np.searchsorted per row beats the batched search
+
+
+Rounder = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (step, first, last) -> levels
 
 
 class Init(enum.Enum):
@@ -128,7 +132,8 @@ def share(
 
 
 def zero_grid(
-    weights: np.ndarray, bits: int, *, axis: int | None = None, mask: np.ndarray | None = None
+    weights: np.ndarray, bits: int, *, axis: int | None = None, mask: np.ndarray | None = None,
+    rounder: Rounder | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kept weights on a uniform grid through zero, per tensor or per slice along ``axis``.
 
@@ -138,6 +143,10 @@ def zero_grid(
     exact). Returns (codebook: each row's used levels ``float32(step * level)`` ascending, the
     rows one after another; centroids per row; row-local indices, uint8 up to 8 bits else
     uint16, 0 where pruned).
+
+    ``rounder(step, first, last)``, given each weight's step and its grid's first and last
+    level (arrays of the weights' shape), chooses the levels instead of ``round(v / step)``
+    (``packing.feedback``); levels past the grid's ends are clipped to them.
     """
     if not 1 <= bits <= MAX_BITS:
         raise UserError(f"bits must be between 1 and {MAX_BITS}, got {bits}")
@@ -153,7 +162,16 @@ def zero_grid(
     span = hi - lo
     step = np.where(span > 0, span / max((1 << bits) - 2, 1), np.where(hi != 0, np.abs(hi), 1.0))
     first = np.rint(lo / step).astype(np.int64)
-    local = np.where(kept, np.rint(rows / step[:, None]).astype(np.int64) - first[:, None], 0)
+    if rounder is None:
+        level = np.rint(rows / step[:, None]).astype(np.int64)
+    else:
+        def full(a: np.ndarray) -> np.ndarray:
+            return _from_rows(np.broadcast_to(a[:, None], rows.shape), w.shape, axis)
+
+        last = np.rint(hi / step).astype(np.int64)
+        level = np.clip(_to_rows(np.asarray(rounder(full(step), full(first), full(last)), np.int64), axis),
+                        first[:, None], last[:, None])
+    local = np.where(kept, level - first[:, None], 0)
     width = 1 << bits
     used = np.zeros((len(rows), width), dtype=bool)
     r_idx = np.broadcast_to(np.arange(len(rows))[:, None], rows.shape)
