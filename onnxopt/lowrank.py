@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 from threadpoolctl import threadpool_limits
 
 # Added to C, relative to its mean diagonal (see the module docstring).
@@ -101,6 +100,8 @@ def _spectrum(weight: np.ndarray, second_moment: np.ndarray | None, damping: flo
         u, s, vt = np.linalg.svd(w, full_matrices=False)
         root = np.sqrt(s)
         return Spectrum(u * root, root[:, None] * vt, s, weighted=False)
+    import scipy.linalg  # here, not at the top: 0.2 s of every onnxopt start that never factorizes
+
     c = np.asarray(second_moment, dtype=np.float64)
     if c.shape != (w.shape[0], w.shape[0]):
         raise ValueError(f"second moment {c.shape} does not match weight {w.shape}")
