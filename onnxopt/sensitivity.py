@@ -66,7 +66,7 @@ from onnxopt.errors import InternalError, UnsupportedModelError
 from onnxopt.passes import _qdq_plan as qp
 from onnxopt.passes.insert_qdq import PER_CHANNEL_OPSET, InsertQDQPass, ensure_opset, plan_quantization
 from onnxopt.quantize import Quantized
-from onnxopt.validate import Budget, ValidationReport
+from onnxopt.validate import Budget, ValidationReport, count_samples
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +188,6 @@ def score_of(report: ValidationReport, floating: Sequence[str]) -> Score:
     top1 = min((o.top1 for o in outs if o.top1 is not None), default=None)
     rel_l2 = max((o.rel_l2 if math.isfinite(o.rel_l2) else math.inf for o in outs), default=0.0)
     return Score(cosine, top1, report, rel_l2)
-
-
-def count_samples(feeds: Sequence[Feeds]) -> int:
-    return sum(next(iter(f.values())).shape[0] if f and next(iter(f.values())).ndim else 1 for f in feeds)
 
 
 def first_samples(feeds: Sequence[Feeds], n: int) -> list[Feeds]:

@@ -200,7 +200,7 @@ def compare_runs(
     if missing:
         raise DataError(f"second model lacks outputs {missing} of the first; it has {names_b}")
     outs_b = [runtime.run(sess, f) for f in feeds]
-    report = ValidationReport([], _count_samples(feeds), source, budget)
+    report = ValidationReport([], count_samples(feeds), source, budget)
     for name in reference[0]:
         ra = _stack([o[name] for o in reference])
         rb = _stack([o[name] for o in outs_b])
@@ -231,7 +231,8 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     )[None]
 
 
-def _count_samples(feeds: Sequence[dict[str, np.ndarray]]) -> int:
+def count_samples(feeds: Sequence[dict[str, np.ndarray]]) -> int:
+    """Samples in ``feeds``: each batch's first input's first axis (1 for a scalar or an empty feed)."""
     total = 0
     for f in feeds:
         first = next(iter(f.values()), None)
