@@ -3,7 +3,9 @@
 An array whose rank equals the input's rank is a stack of samples along the batch
 axis and is cut into batches; an array with one more axis than the input holds one
 whole input per entry. A folder of .npz files is read file by file (their shapes may
-differ where the model has dynamic axes). Names, ranks, static dimensions and
+differ where the model has dynamic axes), and one file a batch at a time
+(``onnxopt.npz_stream``), so memory stays near one batch however many samples a
+file holds. Names, ranks, static dimensions and
 dtypes are checked against the model before anything runs, with a one-line
 ``DataError`` naming the first mismatch.
 """
@@ -11,7 +13,6 @@ dtypes are checked against the model before anything runs, with a one-line
 from __future__ import annotations
 
 import logging
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import onnx
 from onnx import helper
 
 from onnxopt.errors import DataError
+from onnxopt.npz_stream import LazyNpz, NpyMember
 from onnxopt.runtime import real_inputs
 
 logger = logging.getLogger(__name__)
@@ -47,8 +49,8 @@ def load_feeds(path: str | Path, model: onnx.ModelProto, *, limit: int | None = 
 
 
 def iter_feeds(path: str | Path, model: onnx.ModelProto, limit: int | None = None) -> Iterator[Feeds]:
-    """The batches of ``load_feeds`` one at a time, reading one file at a time, so that
-    memory holds one file, never the whole data set (calibration streams through this).
+    """The batches of ``load_feeds`` one at a time, each read from its file when it is asked
+    for, so that memory holds about one batch, never a whole file (calibration streams through this).
     A missing path fails here; data errors when the stream reaches them."""
     return _stream(npz_files(path), path, model, limit)
 
@@ -58,28 +60,26 @@ def _stream(files: list[Path], path: str | Path, model: onnx.ModelProto, limit: 
         return
     seen = 0
     for f in files:
-        for feeds in _batches(_read_npz(f), model, f):
-            n = next(iter(feeds.values())).shape[0] if feeds else 1
-            if limit is not None and seen + n > limit:
-                feeds = {k: v[: limit - seen] for k, v in feeds.items()}
-                n = limit - seen
-            yield feeds
-            seen += n
-            if limit is not None and seen >= limit:
-                return
+        with _read_npz(f) as arrays:
+            for feeds in _batches(arrays, model, f):
+                n = next(iter(feeds.values())).shape[0] if feeds else 1
+                if limit is not None and seen + n > limit:
+                    feeds = {k: v[: limit - seen].copy() for k, v in feeds.items()}
+                    n = limit - seen
+                yield feeds
+                seen += n
+                if limit is not None and seen >= limit:
+                    return
     if not seen:
         raise DataError(f"{path}: no samples")
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from e
+def _read_npz(path: Path) -> LazyNpz:
+    """The file's arrays, headers read and checked, rows not yet read; ``with`` closes it."""
+    return LazyNpz(path)
 
 
-def _batches(arrays: dict[str, np.ndarray], model: onnx.ModelProto, path: Path) -> Iterator[Feeds]:
+def _batches(arrays: dict[str, NpyMember], model: onnx.ModelProto, path: Path) -> Iterator[Feeds]:
     inputs = {vi.name: vi for vi in real_inputs(model)}
     extra, missing = sorted(set(arrays) - set(inputs)), sorted(set(inputs) - set(arrays))
     if extra or missing:
@@ -93,15 +93,15 @@ def _batches(arrays: dict[str, np.ndarray], model: onnx.ModelProto, path: Path) 
         raise DataError(f"{path}: inputs have different sample counts {sorted(counts)}")
     total = counts.pop()
     if any(per_sample.values()):  # one whole input per entry
-        for i in range(total):
-            yield {k: (v[i] if per_sample[k] else v[i : i + 1]) for k, v in arrays.items()}
+        for _ in range(total):
+            yield {k: v.take(1, squeeze=per_sample[k]) for k, v in arrays.items()}
         return
     step = _batch_size(inputs.values())
     for start in range(0, total, step):
-        yield {k: v[start : start + step] for k, v in arrays.items()}
+        yield {k: v.take(min(step, total - start)) for k, v in arrays.items()}
 
 
-def _check_array(name: str, arr: np.ndarray, vi: onnx.ValueInfoProto, path: Path) -> bool:
+def _check_array(name: str, arr: NpyMember, vi: onnx.ValueInfoProto, path: Path) -> bool:
     """Validate one array; return True if it holds one whole input per entry."""
     want = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
     if arr.dtype != want:
@@ -109,6 +109,8 @@ def _check_array(name: str, arr: np.ndarray, vi: onnx.ValueInfoProto, path: Path
     dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
     if arr.ndim == len(dims) + 1:
         shape, per_sample = arr.shape[1:], True
+    elif arr.ndim == 0:
+        raise DataError(f"{path}: input {name!r} is a single value; its first axis must count samples")
     elif arr.ndim == len(dims):
         shape, per_sample = arr.shape, False
     else:
