@@ -18,6 +18,13 @@ loaded in onnxruntime (1 thread, ORT_ENABLE_ALL) beside the float model: file si
 (median of interleaved runs), and accuracy of the first output against float on held-out samples
 (cosine, top-1 agreement for 2-D logits, argmax-sequence agreement for 3-D outputs, accuracy
 against labels). A failure of either tool is a result: its error text goes in the table.
+
+Inside the same runs, each tool's calibration step alone is timed too (the "cal-only s" column):
+onnxopt's from its --report JSON (seconds.calibrate: the calibrate() call, from the calibration
+session to the ranges); ORT's by wrapping, in the child script, the create_calibrator that
+quantize_static calls, so that the calibrator's creation (augmented model, session), collect_data
+and compute_data are timed. Both include reading the calibration batches, which both tools do
+lazily during inference.
 """
 
 from __future__ import annotations
@@ -113,12 +120,36 @@ quant_pre_process(sys.argv[1], sys.argv[2])
 
 # The calibration reader yields the batches stored in an npz as "b0000__input_name" keys, read
 # lazily, one batch at a time: the same batches onnxopt's data loader feeds its calibration.
+# quantize_static calls the create_calibrator of its own module (onnxruntime 1.32:
+# onnxruntime.quantization.quantize), then the calibrator's collect_data and compute_data, and
+# nothing else between the model it wrote for calibration and the tensor ranges. The script wraps
+# that name there, times the three calls and writes their seconds to a JSON file after
+# quantize_static returns. If a later onnxruntime moves the name, the file stays empty and the
+# bench shows "-" with a note.
 _ORT_QUANTIZE = r"""
-import sys
+import json, sys, time
 import numpy as np
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
-src, dst, data, method = sys.argv[1:5]
+src, dst, data, method, timing = sys.argv[1:6]
+qmod = sys.modules["onnxruntime.quantization.quantize"]  # the package's "quantize" is a function
+spent = {}
+def timed(key, fn):
+    def call(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
+    return call
+create = getattr(qmod, "create_calibrator", None)
+def create_calibrator(*args, **kwargs):
+    calibrator = timed("create_calibrator", create)(*args, **kwargs)
+    calibrator.collect_data = timed("collect_data", calibrator.collect_data)
+    calibrator.compute_data = timed("compute_data", calibrator.compute_data)
+    return calibrator
+if create is not None:
+    qmod.create_calibrator = create_calibrator
 class Batches(CalibrationDataReader):
     def __init__(self, path):
         self.npz = np.load(path)
@@ -135,7 +166,10 @@ class Batches(CalibrationDataReader):
 quantize_static(src, dst, Batches(data), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod[method])
+with open(timing, "w") as f:
+    json.dump(spent, f)
 """
+ORT_STEPS = ("create_calibrator", "collect_data", "compute_data")
 
 
 @dataclass
@@ -147,6 +181,7 @@ class Result:
     method: str | None = None
     seconds: float | None = None  # wall time of the run (ORT rows: quantize_static alone)
     peak_mb: float | None = None  # peak RSS of the run (ORT rows: quantize_static alone)
+    cal_seconds: float | None = None  # the calibration step alone, timed inside that run
     pre_seconds: float | None = None  # ORT rows: the quant_pre_process run they start from
     pre_peak_mb: float | None = None
     error: str | None = None
@@ -243,7 +278,27 @@ def error_line(log: Path) -> str:
 
 def onnxopt_argv(src: Path, dst: Path, calib: Path, n: int, method: str) -> list[str]:
     return [*_console_script("onnxopt"), str(src), "-o", str(dst), "--int8", "--calibrate", str(calib),
-            "--calibration-samples", str(n), "--calibration-method", method, "--no-validate", "-q"]
+            "--calibration-samples", str(n), "--calibration-method", method, "--no-validate", "-q",
+            "--report", str(dst.parent / STEP_FILE[OURS])]
+
+
+STEP_FILE = {OURS: "report.json", ORT: "calibration_seconds.json"}  # beside the run's model
+
+
+def calibration_seconds(tool: str, run_dir: Path) -> tuple[float | None, str | None]:
+    """The calibration step's seconds that a tool run wrote in run_dir, or None and why not."""
+    path = run_dir / STEP_FILE[OURS if tool == OURS else ORT]
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"calibration step not timed: {path.name}: {error_text(e)}"
+    if tool == OURS:
+        value = doc.get("seconds", {}).get("calibrate")
+        return (value, None) if value is not None else (None, "calibration step not timed: no seconds.calibrate")
+    missing = [k for k in ORT_STEPS if k not in doc]
+    if missing:
+        return None, f"calibration step not timed: quantize_static never called {', '.join(missing)}"
+    return sum(doc[k] for k in ORT_STEPS), None
 
 
 def pre_process_all(path: Path, model: onnx.ModelProto, args: argparse.Namespace, work: Path
@@ -295,12 +350,15 @@ def quantize_all(path: Path, model: onnx.ModelProto, data: Data, args: argparse.
                 argv = None
             else:
                 argv = [sys.executable, "-c", _ORT_QUANTIZE, str(src), str(dst), str(data.ort_batches),
-                        ORT_METHOD[method]]
+                        ORT_METHOD[method], str(dst.parent / STEP_FILE[ORT])]
             run = run_measured(argv, dst.parent, args.timeout, args.mem_cap_gb * 1024) if argv else Run(error=src)
             if run.error is None and not dst.exists():
                 run.error = "exited 0 but wrote no model"
             _progress(f"{path.stem}: {name}: " + (run.error or cost(run)))
             result = Result(name, label, method, seconds=run.seconds, peak_mb=run.peak_mb, error=run.error)
+            if argv and run.error is None:
+                result.cal_seconds, why = calibration_seconds(label, dst.parent)
+                result.notes += [why] if why else []
             if label in pre:
                 result.pre_seconds, result.pre_peak_mb = pre[label].seconds, pre[label].peak_mb
             results.append(result)
@@ -508,7 +566,8 @@ def usable(r: Result | None) -> bool:
 
 def compute_ratios(by: Mapping[str, Result], methods: Sequence[str]) -> dict[str, dict[str, dict[str, float | None]]]:
     """onnxopt / ORT per method and ORT variant (< 1: onnxopt better): calibration time and peak memory
-    against quantize_static alone and with its quant_pre_process run, and int8 latency."""
+    against quantize_static alone and with its quant_pre_process run, the calibration step alone, and
+    int8 latency."""
     out = {}
     for m in methods:
         ours = by.get(f"{OURS} {m}")
@@ -517,7 +576,9 @@ def compute_ratios(by: Mapping[str, Result], methods: Sequence[str]) -> dict[str
             theirs = by.get(f"{variant} {m}")
             if not usable(ours) or not usable(theirs):
                 continue
-            r = {"time": _ratio(ours.seconds, theirs.seconds), "peak": _ratio(ours.peak_mb, theirs.peak_mb)}
+            r = {"time": _ratio(ours.seconds, theirs.seconds),
+                 "cal-only time": _ratio(ours.cal_seconds, theirs.cal_seconds),
+                 "peak": _ratio(ours.peak_mb, theirs.peak_mb)}
             if theirs.pre_seconds is not None:  # the cost of ORT's whole documented flow
                 r["time incl. pre"] = _ratio(ours.seconds, theirs.seconds + theirs.pre_seconds)
                 r["peak incl. pre"] = _ratio(ours.peak_mb, max(theirs.peak_mb, theirs.pre_peak_mb))
@@ -546,6 +607,8 @@ def verdict(by: Mapping[str, Result], variant: str) -> str | None:
     checks.append(f"accuracy >= ORT {pass_fail(acc_ok)} ({', '.join(acc_txt)})")
     speed = _ratio(theirs.seconds, ours.seconds)
     checks.append(f"calibration >= 5x faster {pass_fail(speed is not None and speed >= 5)} ({fmt(speed, '.1f')}x)")
+    step = _ratio(theirs.cal_seconds, ours.cal_seconds)
+    checks.append(f"calibration step >= 5x faster {pass_fail(step is not None and step >= 5)} ({fmt(step, '.1f')}x)")
     mem = _ratio(ours.peak_mb, theirs.peak_mb)
     checks.append(f"peak memory <= half {pass_fail(mem is not None and mem <= 0.5)} ({fmt(mem, '.2f')}x)")
     lat = _ratio(ours.latency_ms, theirs.latency_ms)
@@ -595,8 +658,8 @@ def bench_model(path: Path, args: argparse.Namespace, work: Path) -> ModelReport
 
 # ---------------------------------------------------------------- output
 
-COLUMNS = ("result", "calib s", "peak MB", "loads", "size MB", "ms", "x float", "cos mean", "cos min", "top-1",
-           "seq", "acc", "int8 ops", "fp ops", "Q/DQ")
+COLUMNS = ("result", "calib s", "cal-only s", "peak MB", "loads", "size MB", "ms", "x float", "cos mean", "cos min",
+           "top-1", "seq", "acc", "int8 ops", "fp ops", "Q/DQ")
 
 
 def format_report(report: ModelReport) -> str:
@@ -607,13 +670,13 @@ def format_report(report: ModelReport) -> str:
     base_ms = next(r.latency_ms for r in report.results if r.tool == FLOAT)
     rows, errors = [list(COLUMNS)], []
     for r in report.results:
-        cost = [fmt(r.seconds, ".2f"), fmt(r.peak_mb, ".0f")]
+        cost = [fmt(r.seconds, ".2f"), fmt(r.cal_seconds, ".2f"), fmt(r.peak_mb, ".0f")]
         if r.error:
             rows.append([r.name, *cost, "error: " + r.error[:110]])
             errors.append(f"error: {r.name}: {r.error}")
             continue
         if r.method is None and r.tool != FLOAT:  # the pre-processing row: cost only
-            rows.append([r.name, *cost, *["" for _ in COLUMNS[3:]]])
+            rows.append([r.name, *cost, *["" for _ in COLUMNS[len(cost) + 1 :]]])
             continue
         rows.append([r.name, *cost, {True: "yes", False: "no", None: "-"}[r.loads], fmt(r.size_mb, ".2f"),
                      fmt(r.latency_ms, ".2f"), fmt(_ratio(r.latency_ms, base_ms), ".2f"), fmt(r.cos_mean, ".4f"),

@@ -37,8 +37,8 @@ def factorize_step(args, model, budget: validate.Budget) -> factorize.Factorized
     return factorize.factorize_model(model, samples, config, budget if samples else None, progress=progress)
 
 
-def quantize_step(args, model, budget: validate.Budget, feeds: list[dict],
-              source: str) -> tuple[quantize.Quantized, sensitivity.Tuning | None]:
+def quantize_step(args, model, budget: validate.Budget, feeds: list[dict], source: str,
+                  timings: dict | None = None) -> tuple[quantize.Quantized, sensitivity.Tuning | None]:
     """Calibrate and quantize; with --sensitivity or a budget, measure layers and keep the worst in float."""
     target = QuantTarget.TENSORRT if args.target == Target.TENSORRT.value else QuantTarget.ONNXRUNTIME
     default_type = ActivationType.INT8 if target is QuantTarget.TENSORRT else ActivationType.UINT8
@@ -50,6 +50,8 @@ def quantize_step(args, model, budget: validate.Budget, feeds: list[dict],
     samples = data.iter_feeds(args.calibrate, model, limit=args.calibration_samples) if args.calibrate else iter(())
     progress = not args.quiet and sys.stderr.isatty()
     q = quantize.quantize_model(model, samples, qconfig, cconfig, cache=args.calibration_cache, progress=progress)
+    if timings is not None:  # the calibration step alone, inside "quantize"
+        timings["calibrate"] = q.calibrate_seconds
     tuning = None
     if args.sensitivity or sensitivity.has_budget(budget):
         feeds, source = tuning_feeds(args, model, feeds, source)
@@ -100,7 +102,7 @@ def run(args, result, budget: validate.Budget, feeds: list[dict], source: str, t
         timings["factorize"] = time.perf_counter() - t
     if args.int8:
         t = time.perf_counter()
-        done.quant, done.tuning = quantize_step(args, done.model, budget, feeds, source)
+        done.quant, done.tuning = quantize_step(args, done.model, budget, feeds, source, timings)
         done.model, done.data = done.quant.model, done.quant.data
         timings["quantize"] = time.perf_counter() - t
     if args.weight_form:  # last: fold_constants would fold its Gathers back

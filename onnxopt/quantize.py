@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ class Quantized:
     result: PassResult
     data: bytes | None  # the model serialized once, reused to check, run and save it
     facts: dict | None = None  # what the report says about it
+    calibrate_seconds: float | None = None  # the calibrate() call: statistics and ranges, or the cache read
 
 
 def quantize_model(
@@ -50,7 +52,9 @@ def quantize_model(
     """Quantize ``model`` with ranges calibrated on ``data`` (not read on a cache hit)."""
     model = ensure_opset(model, PER_CHANNEL_OPSET)
     plan = plan_quantization(io.to_graph(model), config)
+    t = time.perf_counter()
     ranges = calibrate(model, data, plan.tensors, calibration, cache=cache, progress=progress) if plan.tensors else {}
+    seconds = time.perf_counter() - t
     graph = io.to_graph(model)
     result = InsertQDQPass(ranges, config)(graph)
     out = io.to_model(graph, like=model)
@@ -61,7 +65,7 @@ def quantize_model(
     except UnsupportedModelError as e:
         raise InternalError(f"{e} (insert_qdq produced it)") from e
     logger.info("int8: %d nodes quantized, %d kept in float", len(plan.nodes), len(plan.excluded))
-    return Quantized(out, plan, ranges, result, serialized)
+    return Quantized(out, plan, ranges, result, serialized, calibrate_seconds=seconds)
 
 
 def report(q: Quantized, calibration: CalibrationConfig, config: QuantConfig) -> dict:
