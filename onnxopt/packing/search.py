@@ -6,8 +6,8 @@ k-means' linear initialisation and no Lloyd step: a uniform grid from the smalle
 largest kept weight. With ``SearchConfig.scaled`` (``onnxopt pack --calibrate`` sets it), also
 per tensor on the weight divided by its input-channel multipliers (``packing.scales``, from
 the samples' input second moments): the grid is finer where the inputs are large, and the
-levels of 2-D MatMul/Gemm weights are chosen with error feedback through the inputs' whole
-second-moment matrix (``packing.feedback``). On
+levels of matrix weights (2-D MatMul/Gemm, 1x1 Conv) are chosen with error feedback through
+the inputs' whole second-moment matrix (``packing.feedback``). On
 all-MiniLM-L6-v2 at --min-cosine 0.99 that took the file from 7.43x to 7.71x smaller, most
 MatMul weights choosing it. The finest grid is 12 bits: at 10 bits FFN2 weights with outliers
 still err 5% (the first check, every weight at 10 bits, reached only cosine 0.9921 of the
@@ -36,9 +36,9 @@ all-MiniLM-L6-v2 a layer's output error is 2x lower on them, 1.5x on held-out se
 when any weight gets it the samples are split (``factorize.split_samples``): scales and
 moments come from one half, sensitivities and checks from the other, and what is checked is
 what is written. Otherwise nothing is fitted and every sample is checked; either way the
-check is honest for held-out data up to sampling noise, which the margin absorbs. Top-1 is checked with the
-packing error amplified (``Scorer``), since a few dozen samples cannot show a flip rate
-below 1/n. Runs never rebuild a session: the weights become overridable initializers (graph
+check is honest for held-out data up to sampling noise, which the margin absorbs. Top-1 is
+checked with the packing error amplified (``Scorer``), since a few dozen samples cannot show
+a flip rate below 1/n. Runs never rebuild a session: the weights become overridable initializers (graph
 inputs too) of one session, and a variant feeds its packed tensors. The first check packs
 every tensor at the finest dense candidate (``max(bits)``); if that misses the budget the
 search stops and says so (``Search.met`` False, no settings). Only settings that passed a
